@@ -1,0 +1,32 @@
+# labfleet — one entry point for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-fast lint demo
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## create the project virtualenv at .venv/ with every dependency group
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[recorder,vboard,provision,dev]'
+	touch $(STAMP)
+
+test: venv ## run the whole test suite (needs mosquitto on PATH: .ci/run installs it)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv ## the suite without the slow scenarios
+	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+lint: venv ## ruff and mypy on the Python code
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
