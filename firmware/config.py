@@ -3,7 +3,8 @@
 # The board reads CONFIG_FILE (JSON) at boot and checks it with `validate`; the provisioning
 # build renders the same file from the inventory (templates/config.json.j2) and checks it with
 # this very function before anything is uploaded, so a config the board would refuse never
-# leaves the build. MicroPython-compatible: no annotations; imports only `json` and `protocol`.
+# leaves the build. MicroPython-compatible: annotations only in signatures; imports only
+# `json` and `protocol`.
 #
 # {
 #   "schema": 1,
@@ -26,8 +27,11 @@
 # }
 # Omitted sections/keys take DEFAULTS. Unknown keys are errors (they are usually typos).
 
+if False:  # for type checkers only: MicroPython has no typing module
+    from typing import Any
+
 try:
-    from protocol import DEVICE_NAME_MAX, valid_device_name
+    from protocol import DEVICE_NAME_MAX, valid_device_name  # type: ignore[import-not-found]
 except ImportError:  # CPython tools import the firmware as a package
     from firmware.protocol import DEVICE_NAME_MAX, valid_device_name
 
@@ -47,7 +51,7 @@ HSPI_PINS = {14: "HSPI SCK", 13: "HSPI MOSI", 12: "HSPI MISO"}
 FLASH_PINS = (6, 7, 8, 9, 10, 11)
 VALID_GPIOS = (0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16)
 
-DEFAULTS = {
+DEFAULTS = {  # type: dict[str, Any]
     "schema": SCHEMA_VERSION,
     "broker": {"port": 1883, "user": None, "password": None, "tls": False, "keepalive": 60},
     "ntp_host": "pool.ntp.org",
@@ -76,7 +80,7 @@ TOP_KEYS = (
 MAX_WIFI_NETWORKS = 8
 
 
-def with_defaults(cfg):
+def with_defaults(cfg: "dict[str, Any]") -> "dict[str, Any]":
     """A copy of cfg with every omitted section key filled in from DEFAULTS."""
     out = {}
     for key, value in DEFAULTS.items():
@@ -96,16 +100,16 @@ def with_defaults(cfg):
     return out
 
 
-def _is_int(value):
+def _is_int(value: "Any") -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(errors, name, value, low, high):
+def _check_int(errors: "list[str]", name: str, value: "Any", low: int, high: int) -> None:
     if not _is_int(value) or not low <= value <= high:
         errors.append("%s must be an integer in %d..%d, got %r" % (name, low, high, value))
 
 
-def _check_str(errors, name, value, max_len, allow_empty=False):
+def _check_str(errors: "list[str]", name: str, value: "Any", max_len: int, allow_empty: bool = False) -> None:
     if not isinstance(value, str) or len(value) > max_len or (not allow_empty and not value):
         errors.append(
             "%s must be a %sstring of at most %d characters"
@@ -113,7 +117,7 @@ def _check_str(errors, name, value, max_len, allow_empty=False):
         )
 
 
-def _check_wifi(errors, wifi):
+def _check_wifi(errors: "list[str]", wifi: "Any") -> None:
     if not isinstance(wifi, list) or not 1 <= len(wifi) <= MAX_WIFI_NETWORKS:
         errors.append("wifi must be a list of 1..%d networks" % MAX_WIFI_NETWORKS)
         return
@@ -132,7 +136,7 @@ def _check_wifi(errors, wifi):
             errors.append(where + ".password must be empty (open network) or 8..63 characters")
 
 
-def _check_broker(errors, broker):
+def _check_broker(errors: "list[str]", broker: "dict[str, Any]") -> None:
     _check_str(errors, "broker.host", broker.get("host"), 253)
     _check_int(errors, "broker.port", broker.get("port"), 1, 65535)
     for key in ("user", "password"):
@@ -145,7 +149,7 @@ def _check_broker(errors, broker):
     _check_int(errors, "broker.keepalive", broker.get("keepalive"), 10, 600)
 
 
-def _check_sensors(errors, sensors):
+def _check_sensors(errors: "list[str]", sensors: "dict[str, Any]") -> None:
     tc = sensors.get("thermocouple")
     if tc is not None and tc not in THERMOCOUPLE_TYPES:
         errors.append(
@@ -158,8 +162,8 @@ def _check_sensors(errors, sensors):
         errors.append("sensors.sht30_address must be 68 (0x44) or 69 (0x45)")
 
 
-def _check_pins(errors, pins, uses_spi):
-    owner = {}
+def _check_pins(errors: "list[str]", pins: "dict[str, Any]", uses_spi: bool) -> None:
+    owner = {}  # type: dict[int, str]
     for name in pins:
         gpio = pins[name]
         if not _is_int(gpio) or gpio not in VALID_GPIOS:
@@ -176,7 +180,7 @@ def _check_pins(errors, pins, uses_spi):
             errors.append("pins.%s uses GPIO%d, which is %s" % (name, gpio, HSPI_PINS[gpio]))
 
 
-def _check_buffer(errors, buf):
+def _check_buffer(errors: "list[str]", buf: "dict[str, Any]") -> None:
     _check_int(errors, "buffer.ram_samples", buf.get("ram_samples"), 10, 2000)
     _check_int(errors, "buffer.flash_samples", buf.get("flash_samples"), 0, 10000000)
     _check_int(errors, "buffer.flush_s", buf.get("flush_s"), 1, 3600)
@@ -189,7 +193,7 @@ def _check_buffer(errors, buf):
         errors.append("buffer.flush_s must not exceed buffer.ram_samples (1 sample per second)")
 
 
-def validate(cfg):
+def validate(cfg: "Any") -> "list[str]":
     """A list of human-readable errors (empty when cfg is valid). cfg as read from CONFIG_FILE."""
     errors = []
     if not isinstance(cfg, dict):
@@ -238,7 +242,7 @@ def validate(cfg):
     return errors
 
 
-def load(path=CONFIG_FILE):
+def load(path: str = CONFIG_FILE) -> "tuple[dict[str, Any] | None, list[str]]":
     """(config with defaults, errors). A missing or unparsable file is an error, not an exception."""
     import json
 

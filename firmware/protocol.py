@@ -116,7 +116,7 @@ DEVICE_NAME_MAX = 32
 DEVICE_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
-def valid_device_name(name):
+def valid_device_name(name: object) -> bool:
     if not isinstance(name, str) or not 0 < len(name) <= DEVICE_NAME_MAX:
         return False
     if name[0] in "-_":
@@ -127,11 +127,11 @@ def valid_device_name(name):
     return True
 
 
-def topic(prefix, device, kind):
+def topic(prefix: str, device: str, kind: str) -> str:
     return prefix + "/" + device + "/" + kind
 
 
-def parse_topic(prefix, topic_name):
+def parse_topic(prefix: str, topic_name: str) -> "tuple[str, str] | None":
     """(device, kind) for a topic of this protocol under prefix, else None."""
     head = prefix + "/"
     if not topic_name.startswith(head):
@@ -142,12 +142,12 @@ def parse_topic(prefix, topic_name):
     return rest[0], rest[1]
 
 
-def subscriptions(prefix):
+def subscriptions(prefix: str) -> "list[str]":
     """The topic filters a recorder subscribes to for every board of this protocol."""
     return [prefix + "/+/" + kind for kind in KINDS]
 
 
-def to_hundredths(value):
+def to_hundredths(value: "float | None") -> "int | None":
     """A physical value as the integer hundredths sent on the wire (None stays None)."""
     if value is None:
         return None
@@ -155,5 +155,5 @@ def to_hundredths(value):
     return int(scaled + 0.5) if scaled >= 0 else -int(-scaled + 0.5)
 
 
-def flag_names(flags):
+def flag_names(flags: int) -> "list[str]":
     return [name for bit, name in FLAG_NAMES if flags & bit]

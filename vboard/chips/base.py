@@ -11,6 +11,8 @@ sequence of calls.
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -22,11 +24,17 @@ class Faults:
     plugged        False: the chip is not on the bus (I2C: address NACK; SPI: MISO floats).
     crc_error_rate probability in 0..1 that a CRC byte of a reply is corrupted (chips with CRC).
     crc_error_next the next N CRC-protected replies get a corrupted CRC (deterministic tests).
+    tc_open        the thermocouple is disconnected (MAX6675 D2, MAX31855 OC).
+    tc_short_gnd   the thermocouple is shorted to GND (MAX31855 SCG; the MAX6675 cannot tell).
+    tc_short_vcc   the thermocouple is shorted to VCC (MAX31855 SCV; the MAX6675 cannot tell).
     """
 
     plugged: bool = True
     crc_error_rate: float = 0.0
     crc_error_next: int = 0
+    tc_open: bool = False
+    tc_short_gnd: bool = False
+    tc_short_vcc: bool = False
 
 
 @dataclass
@@ -36,8 +44,10 @@ class Reading:
     time      simulated time the conversion sampled the physical value
     quantity  e.g. "kT", "cold_junction", "aT", "aH", "die_temp"
     truth     the exact physical value from the signal model
-    reported  the value the chip's output code represents (truth quantized to the chip's LSB)
-    raw       the raw output code
+    reported  the value the chip's output code represents (truth quantized to the chip's LSB);
+              NaN when the conversion reports a fault instead of a value (open thermocouple)
+    raw       the output code (signed where the chip's format is two's complement; the
+              SHT2x word includes its status bits)
     """
 
     time: float
@@ -98,14 +108,49 @@ class SPIDevice(Protocol):
     def transfer(self, now: float, mosi: bytes) -> bytes: ...
 
 
+@runtime_checkable
+class PowerCycled(Protocol):
+    """Every chip model: power_cycle(now) removes and restores the chip's supply at `now` (the
+    board was power-cycled), leaving it as after power-up. Chips also take `powered_at`, the
+    simulated time of their first power-up, as a constructor parameter."""
+
+    def power_cycle(self, now: float) -> None: ...
+
+
+# Simulated times are Unix-epoch floats, which resolve only ~0.24 us: a deadline met "exactly"
+# (a master waiting the datasheet's maximum time) may land a hair early. Chips accept that much.
+TIME_SLACK_S = 1e-6
+
+
+def output_code(value: float, lsb: float, lowest: int, highest: int) -> int:
+    """The converter's output code for `value`: nearest multiple of `lsb`, clamped to the code range."""
+    return min(highest, max(lowest, round(value / lsb)))
+
+
+def seeded_rng(seed: int, name: str) -> random.Random:
+    """A private random generator for one chip's fault injection (never the global one)."""
+    digest = hashlib.blake2b(b"%d\0%s" % (seed, name.encode()), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def take_crc_fault(faults: Faults, rng: random.Random) -> bool:
+    """Whether the reply being produced gets corrupted CRCs (consumes one `crc_error_next`)."""
+    if faults.crc_error_next > 0:
+        faults.crc_error_next -= 1
+        return True
+    return faults.crc_error_rate > 0 and rng.random() < faults.crc_error_rate
+
+
 @dataclass
 class ReadingLog:
-    """Bounded log of the conversions a chip made (newest last)."""
+    """Bounded log of the conversions a chip made (newest last). It keeps at least the newest
+    `capacity` readings; the oldest are dropped in batches (a per-add trim of a full list would
+    cost more than the conversion itself)."""
 
     capacity: int = 200_000
     items: list[Reading] = field(default_factory=list)
 
     def add(self, reading: Reading) -> None:
         self.items.append(reading)
-        if len(self.items) > self.capacity:
+        if len(self.items) > self.capacity + max(1, self.capacity // 16):
             del self.items[: len(self.items) - self.capacity]
