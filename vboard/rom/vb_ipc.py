@@ -1,0 +1,61 @@
+# The message format between a virtual board's MicroPython process (the "ROM" in this folder)
+# and its host process (vboard/board.py), defined once for both sides: the host imports this
+# module as `vboard.rom.vb_ipc`, the ROM as `vb_ipc`. MicroPython-compatible.
+#
+# Two TCP connections to 127.0.0.1, both opened by the MicroPython process at start:
+#
+#   request channel  (main thread only)  frame = u16 length | u8 op | payload
+#                                        ops below 0x80 get one reply frame:
+#                                        u16 length | u8 status | payload   (status 0 = ok,
+#                                        otherwise an errno the HAL raises as OSError)
+#                                        ops from 0x80 up get no reply (fire-and-forget, but
+#                                        still processed in order with the requests).
+#   event channel    (HAL event thread)  frame = u16 length | u8 event | payload, both ways.
+#
+# Lengths count the op/status/event byte plus the payload, little-endian.
+
+HEADER = "<HB"
+HEADER_SIZE = 3
+MAX_FRAME = 65535
+
+# requests with a reply
+OP_HELLO = 1  # payload: token (bytes)            -> JSON boot parameters
+OP_I2C = 2  # payload: I2C_HEAD + sequence       -> per step results (see below)
+OP_SPI = 3  # payload: SPI_HEAD + MOSI bytes     -> MISO bytes
+OP_PIN_CFG = 4  # payload: PIN_CFG               -> u8 level the pin now reads
+OP_CALL = 5  # payload: JSON [name, arg, ...]     -> JSON result
+OP_FLASH_READ = 6  # payload: "<II" offset, size -> bytes
+OP_FLASH_WRITE = 7  # payload: "<I" offset + data -> empty
+OP_FLASH_ERASE = 8  # payload: "<I" sector       -> empty
+
+# requests without a reply
+OP_PIN_SET = 0x81  # payload: "<BB" pin, level
+OP_WDT_FEED = 0x82  # payload: empty
+OP_NOTE = 0x83  # payload: JSON [name, arg, ...]
+
+# I2C: a sequence of bus primitives after I2C_HEAD ("<BBI": scl pin, sda pin, clock-stretch
+# timeout in us). Steps: b"S" start, b"P" stop, b"W" + "<H" n + n bytes (reply "<H" number of
+# bytes ACKed, address byte included), b"R" + "<HB" n, nack_last (reply n bytes). A clock
+# stretch longer than the timeout ends the sequence with status ETIMEDOUT.
+I2C_HEAD = "<BBI"
+I2C_START = 0x53
+I2C_STOP = 0x50
+I2C_WRITE = 0x57
+I2C_READ = 0x52
+
+# SPI_HEAD "<BBBBBI": sck, mosi, miso pins, polarity, phase, baudrate.
+SPI_HEAD = "<BBBBBI"
+
+# PIN_CFG "<Bbbb": pin, mode (-1 keep, 0 IN, 1 OUT, 2 OPEN_DRAIN), pull (-1 keep, 0 none,
+# 1 PULL_UP), value (-1 keep, else 0/1 output level).
+PIN_CFG = "<Bbbb"
+
+# events host -> board
+EV_PIN = 1  # "<BB" pin, level
+EV_CLOCK = 2  # "<qqi" real_anchor_us, sim_anchor_us, speed_milli
+# events board -> host
+EV_IRQ_LOST = 0x81  # "<B" pin: a pin IRQ could not be scheduled (scheduler queue full)
+
+# Exit codes of the MicroPython process, telling the host what to do next.
+EXIT_SOFT_RESET = 42
+EXIT_POWER_OFF = 43

@@ -1,0 +1,316 @@
+# `socket` as on the ESP8266 port (lwIP), routed through the virtual board's WiFi link.
+#
+# Every connection leaves through the host's gateway (vboard/net.py): the host resolves names
+# on the virtual LAN, refuses everything while the station is not connected, and proxies the
+# TCP stream to its real target on 127.0.0.1, so the harness can cut or stall a live
+# connection the way a lost WiFi link does. Underneath is a real, non-blocking unix socket;
+# blocking calls wait in short real-time slices (scheduled callbacks keep running) up to the
+# socket's timeout, taken in simulated seconds and never shorter than the host's real-time
+# floor. Errors are OSError with lwIP's errno values, as the port raises them.
+
+import select as _select
+import socket as _socket
+
+import vb_hal as hal
+
+AF_INET = 2
+AF_INET6 = 10
+SOCK_STREAM = 1
+SOCK_DGRAM = 2
+SOCK_RAW = 3
+IPPROTO_IP = 0
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+SOL_SOCKET = 0xFFF
+SO_REUSEADDR = 0x0004
+SO_KEEPALIVE = 0x0008
+SO_BROADCAST = 0x0020
+TCP_NODELAY = 0x01
+IP_ADD_MEMBERSHIP = 0x400
+
+EAGAIN = 11
+ETIMEDOUT = 110
+ENOTCONN = 128
+EINPROGRESS = 115
+ECONNRESET = 104
+
+
+def getaddrinfo(host, port, af=0, type=0, proto=0, flags=0):
+    ip = hal.call("net.resolve", host)
+    if isinstance(ip, dict):
+        raise OSError(ip["error"])
+    return [(AF_INET, type or SOCK_STREAM, proto, "", (ip, port))]
+
+
+def inet_ntop(af, addr):
+    return _socket.inet_ntop(_socket.AF_INET, addr)
+
+
+def inet_pton(af, addr):
+    return _socket.inet_pton(_socket.AF_INET, addr)
+
+
+def _sockaddr(addr):
+    if isinstance(addr, (tuple, list)) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
+    raise TypeError("address must be a (host, port) tuple")
+
+
+class socket:
+    def __init__(self, af=AF_INET, type=SOCK_STREAM, proto=0):
+        if af not in (AF_INET, AF_INET6):
+            raise OSError(97)  # EAFNOSUPPORT
+        self._type = type
+        native_type = _socket.SOCK_DGRAM if type == SOCK_DGRAM else _socket.SOCK_STREAM
+        self._s = _socket.socket(_socket.AF_INET, native_type)
+        self._s.setblocking(False)
+        self._timeout_us = -1  # blocking
+        self._connected = False
+        self._closed = False
+        self._udp_routes = {}
+        self._udp_back = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def _deadline(self):
+        if self._timeout_us < 0:
+            return None
+        return hal.real_us() + (hal.guard_real_us(self._timeout_us) if self._timeout_us else 0)
+
+    def _wait(self, event, deadline):
+        """Wait until the native socket is ready for `event`; False on timeout."""
+        p = hal.make_poller()
+        p.register(self._s, event)
+        while True:
+            if deadline is None:
+                timeout_ms = -1
+            else:
+                left = deadline - hal.real_us()
+                if left <= 0:
+                    return bool(hal.poll_real(p, 0))
+                timeout_ms = (left + 999) // 1000
+            if hal.poll_real(p, timeout_ms):
+                return True
+
+    def _check_open(self):
+        if self._closed:
+            raise OSError(9)  # EBADF
+
+    # -- configuration --------------------------------------------------------------------
+
+    def settimeout(self, value):
+        if value is None:
+            self._timeout_us = -1
+        else:
+            self._timeout_us = int(value * 1000000)
+
+    def setblocking(self, flag):
+        self._timeout_us = -1 if flag else 0
+
+    def setsockopt(self, level, optname, value):
+        if level == SOL_SOCKET and optname == SO_REUSEADDR:
+            self._s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, value)
+        # Other options (keepalive, nodelay, multicast) have no effect on the simulation.
+
+    # -- connection -----------------------------------------------------------------------
+
+    def connect(self, address):
+        self._check_open()
+        host, port = _sockaddr(address)
+        proto = "udp" if self._type == SOCK_DGRAM else "tcp"
+        route = hal.call("net.route", proto, host, port)
+        if "error" in route:
+            raise OSError(route["error"])
+        if proto == "udp":
+            self._udp_routes[(host, port)] = route["port"]
+            self._udp_back[route["port"]] = (host, port)
+            self._udp_default = (host, port)
+            return
+        try:
+            self._s.connect(_socket.getaddrinfo("127.0.0.1", route["port"])[0][-1])
+        except OSError as e:
+            if e.errno != EINPROGRESS:
+                raise
+        if not self._wait(_select.POLLOUT, hal.real_us() + hal.guard_real_us(10000000)):
+            raise OSError(ETIMEDOUT)
+        self._connected = True
+
+    def bind(self, address):
+        port = _sockaddr(address)[1]
+        self._s.bind(_socket.getaddrinfo("127.0.0.1", port)[0][-1])
+
+    def listen(self, backlog=1):
+        self._s.listen(backlog)
+
+    def accept(self):
+        deadline = self._deadline()
+        while True:
+            try:
+                conn = self._s.accept()[0]
+                break
+            except OSError as e:
+                if e.errno != EAGAIN:
+                    raise
+            if not self._wait(_select.POLLIN, deadline):
+                raise OSError(ETIMEDOUT if self._timeout_us > 0 else EAGAIN)
+        s = socket.__new__(socket)
+        s._type = SOCK_STREAM
+        s._s = conn
+        conn.setblocking(False)
+        s._timeout_us = -1
+        s._connected = True
+        s._closed = False
+        s._udp_routes = {}
+        s._udp_back = {}
+        return s, ("127.0.0.1", 0)
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            try:
+                self._s.close()
+            except OSError:
+                pass
+
+    # -- data -----------------------------------------------------------------------------
+
+    def _recv_native(self, n):
+        deadline = self._deadline()
+        while True:
+            try:
+                return self._s.recv(n)
+            except OSError as e:
+                if e.errno != EAGAIN:
+                    raise
+            if not self._wait(_select.POLLIN, deadline):
+                raise OSError(ETIMEDOUT if self._timeout_us > 0 else EAGAIN)
+
+    def recv(self, bufsize):
+        self._check_open()
+        if self._type == SOCK_DGRAM:
+            return self.recvfrom(bufsize)[0]
+        return self._recv_native(bufsize)
+
+    def read(self, size=-1):
+        self._check_open()
+        try:
+            if size is None or size < 0:
+                chunks = []
+                while True:
+                    chunk = self._recv_native(1024)
+                    if not chunk:
+                        return b"".join(chunks)
+                    chunks.append(chunk)
+            out = b""
+            while len(out) < size:
+                chunk = self._recv_native(size - len(out))
+                if not chunk:
+                    break
+                out += chunk
+                if self._timeout_us == 0:
+                    break
+            return out
+        except OSError as e:
+            if e.errno == EAGAIN:
+                return None
+            raise
+
+    def readinto(self, buf, nbytes=None):
+        n = len(buf) if nbytes is None else nbytes
+        data = self.read(n)
+        if data is None:
+            return None
+        for i in range(len(data)):
+            buf[i] = data[i]
+        return len(data)
+
+    def readline(self):
+        out = b""
+        while not out.endswith(b"\n"):
+            ch = self.read(1)
+            if not ch:
+                break
+            out += ch
+        return out
+
+    def _send_native(self, data):
+        deadline = self._deadline()
+        while True:
+            try:
+                return self._s.send(data)
+            except OSError as e:
+                if e.errno != EAGAIN:
+                    raise
+            if not self._wait(_select.POLLOUT, deadline):
+                raise OSError(ETIMEDOUT if self._timeout_us > 0 else EAGAIN)
+
+    def send(self, data):
+        self._check_open()
+        if self._type == SOCK_DGRAM:
+            return self.sendto(data, self._udp_default)
+        return self._send_native(data)
+
+    def write(self, buf, nbytes=None):
+        self._check_open()
+        data = memoryview(buf)
+        if nbytes is not None:
+            data = data[:nbytes]
+        if self._timeout_us == 0:
+            try:
+                return self._send_native(data)
+            except OSError as e:
+                if e.errno == EAGAIN:
+                    return None
+                raise
+        sent = 0
+        while sent < len(data):
+            sent += self._send_native(data[sent:])
+        return sent
+
+    def sendall(self, data):
+        self.write(data)
+
+    def sendto(self, data, address):
+        self._check_open()
+        host, port = _sockaddr(address)
+        local = self._udp_routes.get((host, port))
+        if local is None:
+            route = hal.call("net.route", "udp", host, port)
+            if "error" in route:
+                raise OSError(route["error"])
+            local = route["port"]
+            self._udp_routes[(host, port)] = local
+            self._udp_back[local] = (host, port)
+        return self._s.sendto(data, _socket.getaddrinfo("127.0.0.1", local)[0][-1])
+
+    def recvfrom(self, bufsize):
+        self._check_open()
+        deadline = self._deadline()
+        while True:
+            try:
+                data, addr = self._s.recvfrom(bufsize)
+                break
+            except OSError as e:
+                if e.errno != EAGAIN:
+                    raise
+            if not self._wait(_select.POLLIN, deadline):
+                raise OSError(ETIMEDOUT if self._timeout_us > 0 else EAGAIN)
+        # the unix port returns a raw struct sockaddr_in: family(2) port(2, big-endian) addr(4)
+        port = addr[2] * 256 + addr[3] if isinstance(addr, (bytes, bytearray)) else 0
+        return data, self._udp_back.get(port, ("0.0.0.0", 0))
+
+    def makefile(self, mode="rb", buffering=0):
+        return self
+
+    def fileno(self):
+        return self._s.fileno()

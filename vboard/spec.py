@@ -1,0 +1,116 @@
+"""What a virtual board is made of: its chips and wiring, its flash, its radio environment.
+
+A `BoardSpec` comes from a scenario file (`vboard run --scenario`), from an Ansible
+inventory host's `vboard:` variables (`vboard fleet inventory/demo`), or from tests. Unknown
+keys are errors naming the key, so a typo never silently gives a board without its sensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from firmware import config as fwconfig
+
+ESP8266_FLASH_SIZES = {"1MB": 1 << 20, "2MB": 2 << 20, "4MB": 4 << 20, "8MB": 8 << 20, "16MB": 16 << 20}
+# Filesystem size of the MicroPython ESP8266 builds per flash size (the rest is firmware).
+FS_SIZE = {1 << 20: 396 * 1024, 2 << 20: 1024 * 1024, 4 << 20: 3 * 1024 * 1024}
+DEFAULT_MPY_VERSION = "1.27.0"
+DEFAULT_MPY_DATE = "2025-12-09"
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass
+class BoardSpec:
+    name: str
+    console_port: int = 0
+    thermocouple: str | None = "MAX6675"
+    ambient: str | None = "SHT30"
+    sht30_address: int = 0x44
+    rtc: bool = True  # a DS3231 on the I2C bus
+    rtc_set: bool = False  # DS3231 already set (OSF clear, correct time) instead of fresh from the factory
+    rtc_drift_ppm: float = 0.0
+    pins: dict[str, int] = field(default_factory=lambda: dict(fwconfig.DEFAULT_PINS))
+    safe_mode_jumper: bool = False  # Pin 13 grounded at boot
+    sqw_pullup: bool = True  # DS3231 modules carry a pull-up on SQW
+    miso_float: int = 0x00  # what MISO reads with no chip driving it
+    seed: int = 1
+    signals: dict[str, dict[str, float]] = field(default_factory=dict)
+    flash_size: str = "4MB"
+    heapsize: str = "auto"
+    mpy_version: str = DEFAULT_MPY_VERSION
+    mpy_date: str = DEFAULT_MPY_DATE
+    adc: int = 512
+    deepsleep_wake: bool = True  # GPIO16 wired to RST
+
+    @property
+    def mac(self) -> bytes:
+        # Espressif OUI 5C:CF:7F, the rest derived from the name: stable and unique per board.
+        return bytes.fromhex("5ccf7f") + hashlib.sha256(self.name.encode()).digest()[:3]
+
+    @property
+    def chip_id(self) -> bytes:
+        return self.mac[3:] + b"\x00"
+
+    @property
+    def flash_bytes(self) -> int:
+        return ESP8266_FLASH_SIZES[self.flash_size]
+
+    @property
+    def fs_bytes(self) -> int:
+        return FS_SIZE.get(self.flash_bytes, self.flash_bytes - (1 << 20))
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any], where: str = "") -> BoardSpec:
+        known = {f.name for f in fields(cls)}
+        where = where or f"board {name!r}"
+        for key in data:
+            if key not in known:
+                raise SpecError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        spec = cls(name=name, **{k: v for k, v in data.items() if k != "name"})
+        spec.validate(where)
+        return spec
+
+    def validate(self, where: str = "") -> None:
+        where = where or f"board {self.name!r}"
+        if self.thermocouple not in (None, *fwconfig.THERMOCOUPLE_TYPES):
+            raise SpecError(f"{where}: thermocouple must be one of {fwconfig.THERMOCOUPLE_TYPES} or null")
+        if self.ambient not in (None, *fwconfig.AMBIENT_TYPES):
+            raise SpecError(f"{where}: ambient must be one of {fwconfig.AMBIENT_TYPES} or null")
+        if self.sht30_address not in fwconfig.SHT30_ADDRESSES:
+            raise SpecError(f"{where}: sht30_address must be 0x44 or 0x45")
+        if self.flash_size not in ESP8266_FLASH_SIZES:
+            raise SpecError(f"{where}: flash_size must be one of {', '.join(ESP8266_FLASH_SIZES)}")
+        unknown_pins = set(self.pins) - set(fwconfig.DEFAULT_PINS)
+        if unknown_pins:
+            raise SpecError(f"{where}: unknown pins {sorted(unknown_pins)}")
+        self.pins = {**fwconfig.DEFAULT_PINS, **self.pins}
+        if not 0 <= self.console_port < 65536:
+            raise SpecError(f"{where}: console_port must be 0..65535")
+
+
+@dataclass
+class LanSpec:
+    """The radio/network environment shared by a fleet."""
+
+    access_points: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"ssid": "labfleet-demo", "password": "demo-password"}]
+    )
+    hosts: dict[str, str] = field(default_factory=dict)
+    routes: dict[str, str] = field(default_factory=dict)  # "ip:port" -> "127.0.0.1:port"
+
+
+def parse_hostport(text: str, where: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"{where}: {text!r} is not host:port")
+    return host, int(port)
+
+
+def board_workdir(root: Path, name: str) -> Path:
+    return root / name
