@@ -360,20 +360,46 @@ class Board:
         self.pins.drive(gpio, "button", 0 if pressed else None)
 
     async def _sqw_loop(self) -> None:
+        """Drive the DS3231's open-drain SQW output onto its GPIO.
+
+        A rising edge every DS3231 second (released: the pull-up takes the line high) and a
+        falling edge half a second later. Every edge is delivered: if the host wakes late, an
+        owed edge comes late rather than never, so the board may see interrupt latency but
+        never a second without its edge (the scheduler queue on the board may still drop it,
+        which is counted)."""
         gpio = self.spec.pins["sqw"]
+        high = True
+        planned: float | None = None  # simulated time of the next transition
         while True:
-            self._rtc_changed.clear()
-            rtc = self.rtc
             now = self.clock.now()
-            rise = rtc.next_sqw_rising_edge(now) if rtc is not None and rtc.faults.plugged else None
-            if rise is None:
-                self.pins.drive(gpio, "DS3231", None)
-                wait = 0.5
-            else:
-                low_phase = rise - now <= 0.5
-                self.pins.drive(gpio, "DS3231", 0 if low_phase else None)
-                wake = rise if low_phase else rise - 0.5
-                wait = self.clock.real_until(wake)
+            rtc = self.rtc
+            if planned is not None:
+                while planned is not None and planned <= now:
+                    if high:  # falling edge, then wait for the next rise
+                        self.pins.drive(gpio, "DS3231", 0)
+                        high = False
+                        planned = rtc.next_sqw_rising_edge(planned) if rtc.faults.plugged else None
+                    else:  # rising edge
+                        self.pins.drive(gpio, "DS3231", None)
+                        high = True
+                        planned += 0.5
+            if self._rtc_changed.is_set() or planned is None:
+                # registers may have changed (or we are idle): follow the chip if its next rising
+                # edge is no longer the one we planned for
+                self._rtc_changed.clear()
+                rise = rtc.next_sqw_rising_edge(now) if rtc is not None and rtc.faults.plugged else None
+                if rise is None:
+                    planned, high = None, True
+                    self.pins.drive(gpio, "DS3231", None)
+                else:
+                    planned_rise = None
+                    if planned is not None:
+                        planned_rise = rtc.next_sqw_rising_edge(planned) if high else planned
+                    if planned_rise is None or abs(planned_rise - rise) > 1e-6:
+                        high = rise - now > 0.5
+                        self.pins.drive(gpio, "DS3231", None if high else 0)
+                        planned = rise - 0.5 if high else rise
+            wait = 0.5 if planned is None else self.clock.real_until(planned)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rtc_changed.wait(), timeout=max(wait, 0.0005))
 
@@ -393,6 +419,9 @@ class Board:
     # -- IPC ---------------------------------------------------------------------------------
 
     async def _serve_ipc(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             length, op = struct.unpack(ipc.HEADER, await reader.readexactly(ipc.HEADER_SIZE))
             hello = await reader.readexactly(length - 1)

@@ -34,6 +34,7 @@ ETIMEDOUT = 110
 ENOTCONN = 128
 EINPROGRESS = 115
 ECONNRESET = 104
+EPIPE = 32
 
 
 def getaddrinfo(host, port, af=0, type=0, proto=0, flags=0):
@@ -120,7 +121,9 @@ class socket:
     def setsockopt(self, level, optname, value):
         if level == SOL_SOCKET and optname == SO_REUSEADDR:
             self._s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, value)
-        # Other options (keepalive, nodelay, multicast) have no effect on the simulation.
+        elif level == IPPROTO_TCP and optname == TCP_NODELAY:
+            self._s.setsockopt(6, 1, value)  # the same values on Linux
+        # Other options (keepalive, broadcast, multicast) have no effect on the simulation.
 
     # -- connection -----------------------------------------------------------------------
 
@@ -249,6 +252,9 @@ class socket:
             try:
                 return self._s.send(data)
             except OSError as e:
+                if e.errno == EPIPE:
+                    # lwIP has no EPIPE: a write to a reset connection fails with ECONNRESET
+                    raise OSError(ECONNRESET) from None
                 if e.errno != EAGAIN:
                     raise
             if not self._wait(_select.POLLOUT, deadline):
@@ -260,11 +266,14 @@ class socket:
             return self.sendto(data, self._udp_default)
         return self._send_native(data)
 
-    def write(self, buf, nbytes=None):
+    def write(self, buf, off_or_len=None, length=None):
+        # stream.write(buf[, max_len]) or write(buf, off, max_len), as the port's streams take
         self._check_open()
         data = memoryview(buf)
-        if nbytes is not None:
-            data = data[:nbytes]
+        if length is not None:
+            data = data[off_or_len : off_or_len + length]
+        elif off_or_len is not None:
+            data = data[:off_or_len]
         if self._timeout_us == 0:
             try:
                 return self._send_native(data)
