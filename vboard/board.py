@@ -30,7 +30,7 @@ from typing import Any
 
 from vboard.bus import I2CBus, Pins, SPIBus
 from vboard.chips.base import I2CDevice
-from vboard.clock import ESP_EPOCH_OFFSET_S, SimClock, real_now_us
+from vboard.clock import ESP_EPOCH_OFFSET_S, Anchors, SimClock, real_now_us
 from vboard.console import ConsoleBridge
 from vboard.net import Gateway, Lan, Station
 from vboard.rom import vb_ipc as ipc
@@ -354,6 +354,14 @@ class Board:
         writer = self._evt_writer
         if writer is not None and not writer.is_closing():
             writer.write(struct.pack(ipc.HEADER, 3, ipc.EV_PIN) + bytes((gpio, level)))
+
+    def clock_changed(self, anchors: Anchors) -> None:
+        """The fleet's clock was re-anchored (a speed change): tell the interpreter."""
+        writer = self._evt_writer
+        if writer is not None and not writer.is_closing():
+            body = struct.pack("<qqi", anchors.real_us, anchors.sim_us, anchors.speed_milli)
+            writer.write(struct.pack(ipc.HEADER, len(body) + 1, ipc.EV_CLOCK) + body)
+        self._rtc_changed.set()  # the SQW driver's real-time waits were computed at the old speed
 
     def press(self, gpio: int, pressed: bool) -> None:
         """A button or jumper to GND on `gpio`."""

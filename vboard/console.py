@@ -38,6 +38,21 @@ class ConsoleBridge:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    async def detach(self) -> None:
+        """The USB cable is pulled: the port disappears (the board runs on)."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    async def attach(self) -> None:
+        if self._server is None:
+            await self.start(self.port)
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
