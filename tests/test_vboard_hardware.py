@@ -316,3 +316,6 @@ def test_mpremote_sees_the_boards_identity(lab: Fleet) -> None:
     assert out[:4] == ["esp8266", "True", str(4 << 20), "80000000"]
     assert out[4] == board.spec.mac.hex()
     assert out[5] == board.spec.chip_id.hex()
+    # "auto" heap: the firmware finds about an ESP8266's free heap (scaled to 64-bit) at boot
+    assert board.heap_at_boot is not None
+    assert 56 * 1024 <= board.heap_at_boot[1] <= 72 * 1024
