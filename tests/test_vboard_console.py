@@ -19,6 +19,7 @@ def bare_board(tmp_path: Path) -> Iterator[tuple[Fleet, Board]]:
     """A board with no chips: the console and filesystem are what is under test."""
     with Fleet(tmp_path / "fleet", speed=1) as fleet:
         board = fleet.add(BoardSpec(name="console", rtc=False, ambient=None, thermocouple=None))
+        fleet.wait_repl(board)  # first boot done: tests change the flash only after it
         yield fleet, board
 
 

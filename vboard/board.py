@@ -83,7 +83,8 @@ class Board:
         # state that survives the MicroPython process
         self.reset_cause = PWRON_RESET
         self.repl_mode = "friendly"
-        self.rtc_offset_us = self._rtc_power_on_offset()
+        self.rtc_offset_us = 0
+        self._rtc_lost = True
         self.rtc_memory = b""
         self.boot_count = 0
         self.exec_running = False
@@ -108,6 +109,7 @@ class Board:
         self._rtc_changed = asyncio.Event()
         self._booted = asyncio.Event()
         self.ready = asyncio.Event()  # set when the ROM is about to run boot.py
+        self.at_repl = asyncio.Event()  # set when boot.py and main.py are done and the REPL waits
         self._boot_waiters: list[Callable[[], None]] = []
         self.heapsize = self._heapsize()
         self.rom_dir = Path()
@@ -263,12 +265,12 @@ class Board:
             await self._power_on.wait()
             if self._stopping:
                 return
+            if self._rtc_lost:
+                self.rtc_offset_us = self._rtc_power_on_offset()
+                self._rtc_lost = False
             first_boot = not any(self.flash_dir.iterdir())
             self._token = secrets.token_hex(8)
             self._hello = self._params(first_boot, soft)
-            if not soft:
-                self.station.power_cycle()
-                self.gateway.cut()
             self.exec_running = False
             self.wdt_timeout_ms = None
             self.boot_count += 1
@@ -293,19 +295,22 @@ class Board:
             self._evt_writer = None
             self._booted.clear()
             self.ready.clear()
-            soft = False
+            self.at_repl.clear()
+            soft = rc == ipc.EXIT_SOFT_RESET and self._pending_reset is None
+            if not soft:
+                # the chip reset takes the radio and every connection with it
+                self.station.power_cycle()
+                self.gateway.cut()
             if self._pending_reset is not None:
                 self.reset_cause = self._pending_reset
                 self._pending_reset = None
                 self.repl_mode = "friendly"
                 if self.reset_cause == PWRON_RESET:
-                    self.rtc_offset_us = self._rtc_power_on_offset()
+                    self._rtc_lost = True  # the ESP8266's RTC restarts from 0 when power returns
                     self.rtc_memory = b""
-            elif rc == ipc.EXIT_SOFT_RESET:
-                soft = True
             elif rc == ipc.EXIT_POWER_OFF:
                 return
-            elif not self._stopping:
+            elif not soft and not self._stopping:
                 log.warning("%s: MicroPython exited with %s; restarting as after a crash", self.name, rc)
                 banner = f"\r\n ets Jan  8 2013,rst cause:2, boot mode:(3,6) (exit {rc})\r\n"
                 self.console.output(banner.encode())
@@ -500,6 +505,8 @@ class Board:
                 self.repl_mode = str(args[0])
             elif name == "rtc":
                 self.rtc_offset_us = int(args[0])
+            elif name == "repl":
+                self.at_repl.set()
             elif name == "wake":
                 self.wake_port = int(args[0])
             elif name == "heap":
@@ -657,11 +664,12 @@ class Board:
         raise OSError(errno.EINVAL, f"unknown WLAN call {what}")
 
     async def _deepsleep(self, ms: int) -> None:
+        # Power stays off until the RTC wakes the chip through GPIO16 -> RST (if wired).
+        self._power_on.clear()
         await self.reset(DEEPSLEEP_RESET)
         if ms <= 0 or not self.spec.deepsleep_wake:
-            await self.power_off()
+            self.powered = False
             return
-        self._power_on.clear()
         await asyncio.sleep(self.clock.real_delay(ms / 1000))
         self._power_on.set()
 

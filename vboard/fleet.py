@@ -123,6 +123,14 @@ class Fleet:
     def add(self, spec: BoardSpec) -> Board:
         return self.run(self.aadd(spec), timeout=60)
 
+    def wait_repl(self, board: Board, timeout: float = 60) -> None:
+        """Until the board has run boot.py and main.py and waits in its REPL."""
+
+        async def waiter() -> None:
+            await asyncio.wait_for(board.at_repl.wait(), timeout)
+
+        self.run(waiter(), timeout + 5)
+
     def wait_output(self, board: Board, pattern: bytes, timeout: float) -> bytes:
         async def waiter() -> bytes:
             return await board.wait_output(pattern, timeout)

@@ -253,7 +253,8 @@ class Gateway:
         if ip is None:
             return {"error": errno.EHOSTUNREACH}
         if proto == "udp":
-            if port == NTP_PORT and self.lan.ntp_up and self.lan.ntp_port:
+            if port == NTP_PORT and self.lan.ntp_port:
+                # an NTP outage drops the requests (the responder checks ntp_up): the board times out
                 return {"port": self.lan.ntp_port}
             target = self.lan.target(ip, port)
             return {"port": target[1]} if target else {"error": errno.EHOSTUNREACH}
@@ -387,8 +388,9 @@ class NtpResponder(asyncio.DatagramProtocol):
         reply[2] = data[2]
         reply[3] = 0xEC  # precision 2^-20 s
         reply[12:16] = b"SIM\x00"
-        reply[24:32] = data[40:48]  # originate = client's transmit
-        struct.pack_into("!IIIIII", reply, 16, secs, frac, secs, frac, secs, frac)
+        struct.pack_into("!II", reply, 16, secs, frac)  # reference timestamp
+        reply[24:32] = data[40:48]  # originate = the client's transmit timestamp
+        struct.pack_into("!IIII", reply, 32, secs, frac, secs, frac)  # receive, transmit
         self.transport.sendto(bytes(reply), addr)
 
     @classmethod

@@ -76,7 +76,7 @@ def parse_lan(data: Any, where: str) -> LanSpec:
         if not isinstance(aps, list) or not all(isinstance(a, dict) and "ssid" in a for a in aps):
             raise SpecError(f"{where}: lan.access_points must be a list of {{ssid, password, rssi}}")
         lan.access_points = aps
-    lan.hosts = dict(data.get("hosts") or {})
+    lan.hosts.update(data.get("hosts") or {})
     lan.routes = {str(k): str(v) for k, v in (data.get("routes") or {}).items()}
     return lan
 

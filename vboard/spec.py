@@ -101,7 +101,10 @@ class LanSpec:
     access_points: list[dict[str, Any]] = field(
         default_factory=lambda: [{"ssid": "labfleet-demo", "password": "demo-password"}]
     )
-    hosts: dict[str, str] = field(default_factory=dict)
+    # Names the virtual LAN's DNS knows. The NTP pool resolves to a documentation address
+    # (TEST-NET-3) where only the NTP responder answers, so firmware with the default
+    # ntp_host gets simulated time and nothing else leaves the machine.
+    hosts: dict[str, str] = field(default_factory=lambda: {"pool.ntp.org": "203.0.113.123"})
     routes: dict[str, str] = field(default_factory=dict)  # "ip:port" -> "127.0.0.1:port"
 
 

@@ -353,6 +353,7 @@ def boot():
         soft_reboot(mode)
     if mode == "friendly" and run_file("main.py") == "exit":
         soft_reboot(mode)
+    hal.note("repl")
     while True:
         try:
             if mode == "raw":
