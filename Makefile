@@ -7,7 +7,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint demo
+.PHONY: help venv test test-fast lint bench
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -30,3 +30,6 @@ lint: venv ## ruff and mypy on the Python code
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+bench: venv ## run the benchmarks; writes bench/results.json and bench/REPORT.md (ONLY=name to pick)
+	$(PY) bench/run.py $(if $(ONLY),--only $(ONLY))
