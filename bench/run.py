@@ -43,7 +43,11 @@ def run_one(script: Path) -> dict[str, Any]:
     print(f"== {script.name}", flush=True)
     proc = subprocess.run([sys.executable, str(script), "--out", str(out)], cwd=REPO)
     elapsed = time.monotonic() - start
-    entry: dict[str, Any] = {"command": command_for(script), "seconds": round(elapsed, 1), "exit": proc.returncode}
+    entry: dict[str, Any] = {
+        "command": command_for(script),
+        "seconds": round(elapsed, 1),
+        "exit": proc.returncode,
+    }
     if proc.returncode == 0 and out.exists():
         entry["results"] = json.loads(out.read_text())
     else:
@@ -104,8 +108,12 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", default=[], help="run only benchmarks whose name contains this")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", action="append", default=[], help="run only benchmarks whose name contains this"
+    )
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
     results_path = BENCH / "results.json"
