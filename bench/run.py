@@ -122,7 +122,7 @@ def main() -> int:
     if not selected:
         print(f"no benchmark matches {args.only}", file=sys.stderr)
         return 2
-    report = {
+    report: dict[str, Any] = {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
         # a partial run (--only) keeps the other benchmarks' last results
