@@ -121,3 +121,22 @@ def test_errors_are_the_ports(bare_board: tuple[Fleet, Board]) -> None:
     )
     out = mpremote(board.url, "exec", script).splitlines()
     assert out == ["ValueError invalid pin"] * 3 + ["SPI0 ValueError", "freq ValueError", "pin16 OSError"]
+
+
+def test_friendly_repl_line_editing_and_continuation(bare_board: tuple[Fleet, Board]) -> None:
+    _, board = bare_board
+    term = SerialClient(board.console.port)
+    try:
+        term.send(b"\r")
+        term.read_until(b">>> ")
+        term.send(b"prinx\x08t(7*6)\r")  # backspace erases the x
+        assert b"\r\n42\r\n>>> " in term.read_until(b">>> ")
+        term.send(b"for i in range(2):\r")
+        term.read_until(b"... ")
+        term.send(b"    print('n', i)\r")
+        term.read_until(b"... ")
+        term.send(b"\r")
+        out = term.read_until(b">>> ")
+        assert b"n 0\r\nn 1\r\n" in out
+    finally:
+        term.close()

@@ -7,7 +7,8 @@ gateway, the ESP8266's RTC offset and RTC memory, the raw flash image, the conso
 the reset logic. It serves the MicroPython side's requests (vboard/rom/vb_ipc.py), drives
 the DS3231's SQW output onto its GPIO, watches the watchdog, and restarts the interpreter on
 a soft reboot (Ctrl-D, SystemExit), a hard reset (machine.reset(), WDT, `reset()` from the
-harness), deep sleep or a crash.
+harness), deep sleep or a crash. esptool's SYNC on the console resets the chip into its serial
+bootloader instead, and it boots only what its flash holds (vboard/esprom.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from vboard import esprom
 from vboard.bus import I2CBus, Pins, SPIBus
 from vboard.chips.base import I2CDevice
 from vboard.clock import ESP_EPOCH_OFFSET_S, Anchors, SimClock, real_now_us
@@ -53,6 +55,7 @@ HARD_RESET = 6
 ESP8266_EQUIVALENT_HEAP = 64 * 1024
 HAL_HEAP_OVERHEAD = 72 * 1024
 WDT_DEFAULT_MS = 3200
+SYNC_WINDOW_BYTES = 128  # console input kept to spot an esptool SYNC split across reads
 
 
 def micropython_binary() -> str:
@@ -79,7 +82,7 @@ class Board:
         self.gateway = Gateway(lan, self.station, clock)
         self.chips: dict[str, Any] = {}
         self.env: Any = None
-        self.console = ConsoleBridge(self.workdir / "console.log", self._console_input)
+        self.console = ConsoleBridge(self.workdir / "console.log", self._serial_input)
         # state that survives the MicroPython process
         self.reset_cause = PWRON_RESET
         self.repl_mode = "friendly"
@@ -111,6 +114,7 @@ class Board:
         self.ready = asyncio.Event()  # set when the ROM is about to run boot.py
         self.at_repl = asyncio.Event()  # set when boot.py and main.py are done and the REPL waits
         self._boot_waiters: list[Callable[[], None]] = []
+        self._init_serial_loader()
         self.heapsize = self._heapsize()
         self.rom_dir = Path()
         self.heap_at_boot: tuple[int, int] | None = None  # (allocated, free) before boot.py
@@ -181,9 +185,7 @@ class Board:
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flash_dir.mkdir(exist_ok=True)
-        if not self.flash_image.exists():
-            with self.flash_image.open("wb") as f:
-                f.truncate(self.spec.flash_bytes)
+        self._prepare_flash()
         self.rom_dir = await asyncio.get_running_loop().run_in_executor(
             None, build_rom, self.workdir.parent / ".rom-cache"
         )
@@ -221,6 +223,7 @@ class Board:
         """Hard reset (RST pin, watchdog, machine.reset()): the interpreter restarts, the
         flash and the battery-backed DS3231 keep their contents."""
         self._pending_reset = cause
+        self._rom_reset()
         await self._kill()
 
     async def power_off(self) -> None:
@@ -235,7 +238,7 @@ class Board:
     def _params(self, first_boot: bool, soft: bool) -> dict[str, Any]:
         a = self.clock.anchors
         spec = self.spec
-        version = f"v{spec.mpy_version} on {spec.mpy_date}"
+        version = f"v{self.firmware.version or spec.mpy_version} on {self.firmware.date or spec.mpy_date}"
         return {
             "anchors": [a.real_us, a.sim_us, a.speed_milli],
             "boot_sim_us": self.clock.now_us(),
@@ -247,8 +250,8 @@ class Board:
             "first_boot": first_boot,
             "unique_id": list(spec.chip_id),
             "flash_size": spec.flash_bytes,
-            "flash_id": 0x1640E0 if spec.flash_bytes == 4 << 20 else 0x1440E0,
-            "flash_user_start": 0x9A000 if spec.flash_bytes <= 1 << 20 else 0x100000,
+            "flash_id": esprom.jedec_id(spec.flash_bytes),
+            "flash_user_start": esprom.filesystem_start(spec.flash_bytes),
             "fs_size": spec.fs_bytes,
             "uname": ["esp8266", "esp8266", "2.2.0-dev(9422289)", version, "ESP module with ESP8266"],
             "banner": f"MicroPython {version}; ESP module with ESP8266\r\n"
@@ -265,6 +268,8 @@ class Board:
             await self._power_on.wait()
             if self._stopping:
                 return
+            if await self._held_in_rom():
+                continue
             if self._rtc_lost:
                 self.rtc_offset_us = self._rtc_power_on_offset()
                 self._rtc_lost = False
@@ -288,6 +293,7 @@ class Board:
                 cwd=str(self.flash_dir),
                 env=env,
             )
+            self._stop_app_for_loader()  # in case the loader took over while it was starting
             pump = asyncio.ensure_future(self._pump_output(self.proc))
             rc = await self.proc.wait()
             with contextlib.suppress(Exception):
@@ -302,12 +308,7 @@ class Board:
                 self.station.power_cycle()
                 self.gateway.cut()
             if self._pending_reset is not None:
-                self.reset_cause = self._pending_reset
-                self._pending_reset = None
-                self.repl_mode = "friendly"
-                if self.reset_cause == PWRON_RESET:
-                    self._rtc_lost = True  # the ESP8266's RTC restarts from 0 when power returns
-                    self.rtc_memory = b""
+                self._apply_pending_reset()
             elif rc == ipc.EXIT_POWER_OFF:
                 return
             elif not soft and not self._stopping:
@@ -672,6 +673,122 @@ class Board:
             return
         await asyncio.sleep(self.clock.real_delay(ms / 1000))
         self._power_on.set()
+
+    # -- serial bootloader (esptool) and booting from flash: vboard/esprom.py --------------------
+
+    def _init_serial_loader(self) -> None:
+        self.loader: esprom.EspRomLoader | None = None  # set while the chip is in its bootloader
+        self.firmware = esprom.BootImage(self.spec.mpy_version, self.spec.mpy_date, "")
+        self._sync_window = b""
+        self._loader_exit = asyncio.Event()
+        self.console.on_disconnect = self._leave_loader
+
+    def _prepare_flash(self) -> None:
+        """A new board comes with its spec's MicroPython release in flash (so does one whose
+        flash image an earlier vboard left all zeros)."""
+        size = self.spec.flash_bytes
+        head = b""
+        if self.flash_image.exists():
+            with self.flash_image.open("rb") as f:
+                head = f.read(esprom.SECTOR)
+        if not head.strip(b"\x00"):
+            spec = self.spec
+            self.flash_image.write_bytes(esprom.factory_flash(size, spec.mpy_version, spec.mpy_date))
+        elif self.flash_image.stat().st_size != size:
+            with self.flash_image.open("r+b") as f:
+                f.truncate(min(size, self.flash_image.stat().st_size))
+                f.seek(0, os.SEEK_END)
+                f.write(b"\xff" * (size - f.tell()))
+        self._detect_firmware()
+
+    def _detect_firmware(self) -> None:
+        with self.flash_image.open("rb") as f:
+            self.firmware = esprom.inspect_boot_image(f.read(esprom.FIRMWARE_SCAN_BYTES))
+
+    def _serial_input(self, data: bytes) -> None:
+        """Console input goes to the serial bootloader while the chip is in it, else to
+        MicroPython, unless it carries esptool's SYNC: then the chip resets into the loader."""
+        if self.loader is not None:
+            self.loader.feed(data)
+            return
+        window = self._sync_window + data
+        found = esprom.SYNC_REQUEST.search(window) if self.powered else None
+        if found is None:
+            self._sync_window = window[-SYNC_WINDOW_BYTES:]
+            self._console_input(data)
+            return
+        self._sync_window = b""
+        self._enter_loader().feed(window[found.start() :])
+
+    def _enter_loader(self) -> esprom.EspRomLoader:
+        log.info("%s: esptool SYNC on the console: reset into the serial bootloader", self.name)
+        flash = esprom.SpiFlash(self.flash_image, self.spec.flash_bytes, on_erase=self._flash_erased)
+        loader = esprom.EspRomLoader(self.spec.mac, flash, self.console.send_raw, self._leave_loader)
+        self.loader = loader
+        self.console.app_muted = True
+        self._pending_input.clear()
+        self._loader_exit.clear()
+        self._pending_reset = HARD_RESET
+        self._stop_app_for_loader()
+        return loader
+
+    def _stop_app_for_loader(self) -> None:
+        proc = self.proc
+        if self.loader is not None and proc is not None and proc.returncode is None:
+            self._pending_reset = HARD_RESET
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    def _leave_loader(self) -> None:
+        """The chip leaves the bootloader (esptool ran the flash or the client went): a hard
+        reset into the flash as it now is."""
+        if self.loader is None:
+            return
+        self.loader = None
+        self.console.app_muted = False
+        self._detect_firmware()
+        self._loader_exit.set()
+
+    def _rom_reset(self) -> None:
+        """A reset from the harness ends a bootloader session and restarts a board stuck with
+        nothing bootable (its ROM prints its complaint again)."""
+        self._leave_loader()
+        self._loader_exit.set()
+
+    async def _held_in_rom(self) -> bool:
+        """Keep the interpreter down while the chip is in its bootloader or the flash holds no
+        MicroPython; True when it held (the caller starts over). A reset requested while no
+        interpreter ran (entering the bootloader, the harness) applies to the coming boot."""
+        held = self.loader is not None or not self.firmware.micropython
+        if held:
+            if self.loader is None:
+                self.console.output(self.firmware.rom_output.encode())
+                self._loader_exit.clear()
+            await self._loader_exit.wait()
+        self._apply_pending_reset()
+        return held
+
+    def _apply_pending_reset(self) -> None:
+        """The reset the harness (or the loader, or the board itself) asked for takes effect:
+        whether it happened to a running interpreter or while none ran."""
+        if self._pending_reset is None:
+            return
+        self.reset_cause, self._pending_reset = self._pending_reset, None
+        self.repl_mode = "friendly"
+        if self.reset_cause == PWRON_RESET:
+            self._rtc_lost = True  # the ESP8266's RTC restarts from 0 when power returns
+            self.rtc_memory = b""
+
+    def _flash_erased(self, offset: int, length: int) -> None:
+        """On a real board the filesystem lives in flash: erasing any of its sectors loses it
+        (MicroPython's next boot makes a fresh one with boot.py)."""
+        start = esprom.filesystem_start(self.spec.flash_bytes)
+        if offset < start + self.spec.fs_bytes and start < offset + length:
+            for entry in self.flash_dir.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     # -- for tests and the CLI ------------------------------------------------------------------
 

@@ -9,6 +9,11 @@ The ESP8266's UART turns Ctrl-C into a KeyboardInterrupt only while code runs (t
 reads it as a character otherwise); the board tells the bridge when that is the case, and
 the bridge then delivers Ctrl-C as SIGINT to the interpreter. Output is cooked as the port's
 `mp_hal_stdout_tx_strn_cooked` does: a bare "\\n" becomes "\\r\\n".
+
+While the chip sits in its serial bootloader (vboard/esprom.py) the port carries the loader's
+binary SLIP frames instead: `send_raw` writes them uncooked, and the interpreter's output is
+held back from the client (`app_muted`; it still reaches the log). `on_disconnect` tells the
+board when the client goes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class ConsoleBridge:
         self._last_byte = 0
         self._log = log_path.open("ab", buffering=0)
         self.output_listeners: list[Callable[[bytes], None]] = []
+        self.on_disconnect: Callable[[], None] | None = None
+        self.app_muted = False
 
     async def start(self, port: int = 0) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
@@ -48,6 +55,8 @@ class ConsoleBridge:
         if self.client is not None:
             self.client.close()
             self.client = None
+            if self.on_disconnect is not None:
+                self.on_disconnect()
 
     async def attach(self) -> None:
         if self._server is None:
@@ -79,6 +88,8 @@ class ConsoleBridge:
         finally:
             if self.client is writer:
                 self.client = None
+                if self.on_disconnect is not None:
+                    self.on_disconnect()
             writer.close()
 
     def cook(self, data: bytes) -> bytes:
@@ -99,5 +110,14 @@ class ConsoleBridge:
         for listener in list(self.output_listeners):
             listener(cooked)
         client = self.client
-        if client is not None and not client.is_closing():
+        if client is not None and not client.is_closing() and not self.app_muted:
             client.write(cooked)
+
+    def send_raw(self, data: bytes) -> None:
+        """Binary output (the serial bootloader's frames): not cooked, never muted."""
+        self._log.write(data)
+        for listener in list(self.output_listeners):
+            listener(data)
+        client = self.client
+        if client is not None and not client.is_closing():
+            client.write(data)

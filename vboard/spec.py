@@ -55,7 +55,9 @@ class BoardSpec:
 
     @property
     def chip_id(self) -> bytes:
-        return self.mac[3:] + b"\x00"
+        """machine.unique_id(): system_get_chip_id() (the MAC's last three bytes as a number)
+        in the ESP8266's little-endian byte order."""
+        return bytes((self.mac[5], self.mac[4], self.mac[3], 0))
 
     @property
     def flash_bytes(self) -> int:

@@ -267,7 +267,7 @@ def readline(prompt):
             return 0, line.decode()
         if c in (8, 127):
             if line:
-                line.pop()
+                line = line[:-1]  # MicroPython's bytearray has no pop()
                 write(b"\x08 \x08")
             continue
         if c == 27:  # escape sequences (arrows): swallowed, no line editing here
