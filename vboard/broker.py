@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +51,65 @@ def wait_for_port(port: int, timeout: float, host: str = "127.0.0.1") -> None:
             if time.monotonic() > deadline:
                 raise BrokerError(f"nothing is listening on {host}:{port} after {timeout:.0f} s") from None
             time.sleep(0.02)
+
+
+class Amqtt:
+    """The embedded Python broker `make demo` falls back to when mosquitto is not installed
+    (no root needed). Fine for a demo; the lab runs mosquitto (roles/mosquitto)."""
+
+    def __init__(self, workdir: Path, port: int = 0) -> None:
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        binary = Path(sys.executable).parent / "amqtt"
+        if not binary.exists():
+            raise BrokerError("neither mosquitto nor amqtt is installed (`make venv` installs amqtt)")
+        self.binary = str(binary)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "amqtt.log"
+
+    def start(self, timeout: float = 20.0) -> Amqtt:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "amqtt.yaml"
+        config.write_text(
+            "listeners:\n"
+            "  default:\n"
+            "    type: tcp\n"
+            f"    bind: 127.0.0.1:{self.port}\n"
+            "plugins:\n"
+            "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n"
+        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(config)], stdout=log, stderr=log, start_new_session=True
+            )
+        wait_for_port(self.port, timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def local_broker(workdir: Path, port: int = 0) -> Mosquitto | Amqtt:
+    """mosquitto when it is installed, else the embedded amqtt (not started yet)."""
+    try:
+        return Mosquitto(workdir, port=port)
+    except BrokerError:
+        return Amqtt(workdir, port=port)
 
 
 class Mosquitto:
