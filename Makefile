@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv test test-fast lint bench
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create the project virtualenv at .venv/ with every dependency group
 
@@ -26,10 +26,12 @@ test: venv ## run the whole test suite (needs mosquitto on PATH: .ci/run install
 test-fast: venv ## the suite without the slow scenarios
 	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
 
-lint: venv ## ruff and mypy on the Python code
+lint: venv lint-ansible ## ruff, mypy, ansible-lint (production profile) and the playbook syntax check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 bench: venv ## run the benchmarks; writes bench/results.json and bench/REPORT.md (ONLY=name to pick)
 	$(PY) bench/run.py $(if $(ONLY),--only $(ONLY))
+
+include provision.mk

@@ -1,0 +1,492 @@
+"""Talking to a MicroPython board over its serial console, for the labfleet board modules.
+
+Runs on the USB host the boards are plugged into (a remote Pi or the controller itself), with the
+Python that has mpremote and pyserial (the project's `provision` dependencies). Every board
+operation goes through the real `mpremote` command line; the only thing mpremote cannot do is
+restart the application after its raw-REPL session, which `restart_app` does on the console
+itself, exactly as a person at the REPL would (Ctrl-C, Ctrl-B, Ctrl-D).
+
+Console contract (real ESP8266 MicroPython, and the virtual board speaks the same):
+  - mpremote's raw REPL (Ctrl-A, soft reset with Ctrl-D, exec) works;
+  - at the friendly REPL, Ctrl-D soft-resets and prints "soft reboot", then boot.py and main.py
+    run (main.py starts the logging application);
+  - after a soft reset in raw-REPL mode main.py does NOT run, so a board left by mpremote is idle
+    until restart_app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import re
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+RESULT_MARK = "@@labfleet@@"  # prefixes the one JSON line a board-side script prints
+SOFT_REBOOT = b"soft reboot"
+DEFAULT_BOOT_FAILURE = r"Traceback \(most recent call last\)|[Ss]afe mode|SAFE MODE"
+
+
+class BoardError(Exception):
+    """The board is there but an operation on it failed."""
+
+
+class BoardNotConnected(BoardError):
+    """Nothing answers where the board should be (unplugged, powered off, wrong port)."""
+
+
+# ---------------------------------------------------------------- finding the serial port
+
+
+def _is_url(port: str) -> bool:
+    return "://" in port
+
+
+def _socket_address(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[1].split("?", 1)[0].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def port_present(port: str, timeout: float = 2.0) -> bool:
+    """Is something there? A device node that exists, or a TCP console that accepts."""
+    if port.startswith(("socket://", "rfc2217://")):
+        try:
+            with socket.create_connection(_socket_address(port), timeout=timeout):
+                pass
+        except OSError:
+            return False
+        # A console serves one client at a time (as a USB adapter does): give it a moment to
+        # see this probe hang up before mpremote connects.
+        time.sleep(0.3)
+        return True
+    if _is_url(port):
+        return True  # another pyserial URL: only opening it will tell
+    return os.path.exists(port)
+
+
+def find_by_usb_serial(usb_serial: str, dev_root: str = "/dev", sys_root: str = "/sys") -> list[str]:
+    """Ports of USB adapters with this serial number (/dev/serial/by-id, then sysfs)."""
+    found = []
+    for link in sorted(glob.glob(os.path.join(dev_root, "serial", "by-id", "*"))):
+        name = os.path.basename(link)
+        # usb-<vendor>_<product>_<serial>-if00-port0
+        if re.search(r"_" + re.escape(usb_serial) + r"-if\d+", name) or name.endswith("_" + usb_serial):
+            found.append(link)
+    if found:
+        return found
+    for tty in sorted(glob.glob(os.path.join(sys_root, "class", "tty", "tty*"))):
+        device = os.path.join(tty, "device")
+        if not os.path.exists(device):
+            continue
+        node = os.path.realpath(device)
+        # Walk up from the interface to the USB device, which carries the serial attribute.
+        for _ in range(4):
+            serial_file = os.path.join(node, "serial")
+            if os.path.exists(serial_file):
+                with open(serial_file) as f:
+                    if f.read().strip() == usb_serial:
+                        found.append(os.path.join(dev_root, os.path.basename(tty)))
+                break
+            node = os.path.dirname(node)
+    return found
+
+
+def find_by_usb_path(usb_path: str, dev_root: str = "/dev") -> list[str]:
+    """Ports at this physical USB location: a /dev/serial/by-path name or a part of one."""
+    if usb_path.startswith("/"):
+        return [usb_path] if os.path.exists(usb_path) else []
+    return [
+        link
+        for link in sorted(glob.glob(os.path.join(dev_root, "serial", "by-path", "*")))
+        if usb_path in os.path.basename(link)
+    ]
+
+
+def scan_candidates(dev_root: str = "/dev") -> list[str]:
+    return sorted(glob.glob(os.path.join(dev_root, "ttyUSB*")) + glob.glob(os.path.join(dev_root, "ttyACM*")))
+
+
+# ---------------------------------------------------------------- mpremote
+
+
+def run_mpremote(mpremote: str, port: str, args: list[str], timeout: float, retry: bool = True) -> str:
+    """stdout of `mpremote connect PORT ARGS...`; BoardNotConnected / BoardError on failure.
+
+    mpremote interrupts the application with a single Ctrl-C; a board that resets in a loop
+    (a crashing application, a bad config) can miss it. Then the console is held at the REPL
+    first (break_in) and mpremote tried once more."""
+    try:
+        return _run_mpremote(mpremote, port, args, timeout)
+    except BoardNotConnected:
+        raise
+    except BoardError as e:
+        if not retry or "could not enter raw repl" not in str(e):
+            raise
+    break_in(port)
+    return _run_mpremote(mpremote, port, args, timeout)
+
+
+def _run_mpremote(mpremote: str, port: str, args: list[str], timeout: float) -> str:
+    command = [mpremote, "connect", port, *args]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BoardError(f"mpremote on {port} did not finish within {timeout:.0f} s") from None
+    except OSError as e:
+        raise BoardError(f"cannot run {mpremote}: {e}") from None
+    if result.returncode != 0:
+        text = (result.stderr.strip() or result.stdout.strip())[-1500:]
+        # Only a port that cannot be opened means "not connected"; a board that is there but
+        # does not answer at its REPL (crashed, not MicroPython, port busy) is a failure.
+        if "failed to access" in text or "No such file" in text or "Connection refused" in text:
+            raise BoardNotConnected(f"{port}: {text}")
+        raise BoardError(f"mpremote on {port} failed: {text}")
+    return result.stdout
+
+
+def parse_result(stdout: str) -> Any:
+    """The JSON a board-side script printed after RESULT_MARK."""
+    for line in stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK) :])
+    raise BoardError(f"the board printed no result: {stdout.strip()[-800:]!r}")
+
+
+def board_exec(mpremote: str, port: str, code: str, timeout: float = 30.0) -> Any:
+    return parse_result(run_mpremote(mpremote, port, ["exec", code], timeout))
+
+
+# MicroPython code, run on the board. Kept to what the ESP8266 port has (os, sys, json, hashlib,
+# binascii) and small: it is sent over the serial line on every run.
+# The release comes from os.uname().version ("v1.27.0 on 2025-12-09"; .release is the ESP SDK's),
+# else from sys.implementation (ports without uname).
+INFO_SCRIPT = """
+import sys, json
+try:
+    import os
+    release = os.uname().version.split(' ')[0].lstrip('v').split('-')[0]
+except Exception:
+    release = '%d.%d.%d' % sys.implementation.version[:3]
+try:
+    import network
+    mac = ':'.join('%02x' % b for b in network.WLAN(network.STA_IF).config('mac'))
+except Exception:
+    mac = None
+print('@@labfleet@@' + json.dumps({'release': release,
+    'machine': getattr(sys.implementation, '_machine', sys.platform), 'mac': mac}))
+"""
+
+
+def hash_script(paths: list[str]) -> str:
+    """Code printing the board's view of its files: {"hashes": {path: sha256 hex or None},
+    "manifest": the text of the previous upload's manifest.json or None, "previous": the files
+    that manifest lists which are still on the board}."""
+    return (
+        "import os, json, hashlib, binascii\n"
+        "def _h(p):\n"
+        " try:\n"
+        "  f = open(p, 'rb')\n"
+        " except OSError:\n"
+        "  return None\n"
+        " h = hashlib.sha256(); b = bytearray(512); m = memoryview(b)\n"
+        " while True:\n"
+        "  n = f.readinto(b)\n"
+        "  if not n:\n"
+        "   break\n"
+        "  h.update(m[:n])\n"
+        " f.close()\n"
+        " return binascii.hexlify(h.digest()).decode()\n"
+        "try:\n"
+        " f = open('manifest.json'); t = f.read(); f.close()\n"
+        "except OSError:\n"
+        " t = None\n"
+        "prev = []\n"
+        "try:\n"
+        " for p in json.loads(t)['files']:\n"
+        "  try:\n"
+        "   os.stat(p); prev.append(p)\n"
+        "  except OSError:\n"
+        "   pass\n"
+        "except Exception:\n"
+        " pass\n"
+        f"print('{RESULT_MARK}' + json.dumps({{'hashes': {{p: _h(p) for p in {paths!r}}}, "
+        "'manifest': t, 'previous': prev}))\n"
+    )
+
+
+def install_script(staged: dict[str, str], remove: list[str]) -> str:
+    """Code that checks every staged `<path>.new` against its sha256, and only if all match
+    renames them into place and removes the stale files; prints what it did."""
+    return (
+        "import os, json, hashlib, binascii\n"
+        f"staged = {staged!r}\n"
+        "bad = {}\n"
+        "for p, want in staged.items():\n"
+        " h = hashlib.sha256(); b = bytearray(512); m = memoryview(b)\n"
+        " f = open(p + '.new', 'rb')\n"
+        " while True:\n"
+        "  n = f.readinto(b)\n"
+        "  if not n:\n"
+        "   break\n"
+        "  h.update(m[:n])\n"
+        " f.close()\n"
+        " got = binascii.hexlify(h.digest()).decode()\n"
+        " if got != want:\n"
+        "  bad[p] = got\n"
+        "removed = []\n"
+        "if not bad:\n"
+        " for p in staged:\n"
+        "  os.rename(p + '.new', p)\n"
+        f" for p in {remove!r}:\n"
+        "  try:\n"
+        "   os.remove(p)\n"
+        "   removed.append(p)\n"
+        "  except OSError:\n"
+        "   pass\n"
+        f"print('{RESULT_MARK}' + json.dumps({{'bad': bad, 'removed': removed}}))\n"
+    )
+
+
+def mkdirs_script(directories: list[str]) -> str:
+    return f"import os\nfor d in {directories!r}:\n try:\n  os.mkdir(d)\n except OSError:\n  pass\n"
+
+
+# ---------------------------------------------------------------- the console
+
+
+class Console:
+    """A raw byte stream to the board's console: a serial device or a socket:// URL."""
+
+    def __init__(self, port: str, timeout: float = 0.1) -> None:
+        self.port = port
+        self._serial: Any = None
+        self._sock: socket.socket | None = None
+        try:
+            import serial  # pyserial: every URL pyserial knows, and real serial ports
+
+            self._serial = serial.serial_for_url(port, baudrate=115200, timeout=timeout)
+        except ImportError:
+            if port.startswith("socket://"):
+                self._sock = socket.create_connection(_socket_address(port), timeout=5)
+                self._sock.settimeout(timeout)
+            else:
+                raise BoardError("pyserial is needed to open " + port) from None
+        except Exception as e:  # pyserial raises SerialException (an OSError) or ValueError
+            raise BoardNotConnected(f"cannot open {port}: {e}") from None
+
+    def write(self, data: bytes) -> None:
+        if self._serial is not None:
+            self._serial.write(data)
+        elif self._sock is not None:
+            self._sock.sendall(data)
+
+    def read_some(self) -> bytes:
+        if self._serial is not None:
+            waiting = self._serial.in_waiting
+            return bytes(self._serial.read(waiting or 1))
+        assert self._sock is not None
+        try:
+            return self._sock.recv(4096)
+        except TimeoutError:
+            return b""
+
+    def read_until(self, pattern: bytes, timeout: float) -> tuple[bytes, bool]:
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data += self.read_some()
+            if pattern in data:
+                return data, True
+        return data, False
+
+    def read_for(self, seconds: float) -> bytes:
+        data = b""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            data += self.read_some()
+        return data
+
+    def close(self) -> None:
+        if self._serial is not None:
+            self._serial.close()
+        if self._sock is not None:
+            self._sock.close()
+
+
+def break_in(port: str, timeout: float = 15.0, quiet_s: float = 0.5) -> None:
+    """Send Ctrl-C until the board sits at its REPL prompt with nothing else running."""
+    console = Console(port)
+    try:
+        deadline = time.monotonic() + timeout
+        output = b""
+        while time.monotonic() < deadline:
+            console.write(b"\r\x03")
+            output = (output + console.read_for(0.1))[-4000:]
+            if output.rstrip(b" ").endswith(b">>>"):
+                tail = console.read_for(quiet_s)  # a reset in progress would print now
+                if not tail:
+                    return
+                output += tail
+        raise BoardError(f"{port}: the board does not stay at its REPL; console said {output[-400:]!r}")
+    finally:
+        console.close()
+
+
+def restart_app(
+    port: str, reboot_timeout: float = 15.0, watch_s: float = 2.0, failure_regex: str = DEFAULT_BOOT_FAILURE
+) -> str:
+    """Soft-reset from the friendly REPL so boot.py and main.py run; return the console output.
+
+    Raises BoardError if no soft reboot is seen, or the console shows a boot failure (a
+    traceback, safe mode) within watch_s seconds after it.
+    """
+    console = Console(port)
+    try:
+        console.write(b"\r\x03\x03")  # stop whatever runs
+        console.read_for(0.2)
+        console.write(b"\r\x02")  # friendly REPL (mpremote may have left it in raw REPL)
+        console.read_until(b">>> ", 3.0)
+        console.write(b"\x04")  # soft reset: boot.py, then main.py
+        output, rebooted = console.read_until(SOFT_REBOOT, reboot_timeout)
+        if not rebooted:
+            raise BoardError(f"{port}: no soft reboot after Ctrl-D; console said {output[-300:]!r}")
+        output += console.read_for(watch_s)
+    finally:
+        console.close()
+    text = output.decode("utf-8", "replace")
+    after = text[text.find("soft reboot") :]
+    if failure_regex and re.search(failure_regex, after):
+        errors = re.findall(r"^\s*(\w+(?:Error|Exception|Interrupt)\b.*?)\s*$", after, re.M)
+        why = errors[0] if errors else re.search(failure_regex, after).group(0)  # type: ignore[union-attr]
+        raise BoardError(f"{port}: the application did not start ({why}); console:\n{after[-1200:]}")
+    return after
+
+
+# ---------------------------------------------------------------- MQTT: the board's info message
+
+
+def _mqtt_string(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack("!H", len(data)) + data
+
+
+def _mqtt_packet(kind: int, body: bytes) -> bytes:
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([kind]) + bytes(encoded) + body
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise OSError("the broker closed the connection")
+        data += chunk
+    return data
+
+
+def _recv_packet(sock: socket.socket) -> tuple[int, bytes]:
+    kind = _recv_exact(sock, 1)[0]
+    length, shift = 0, 0
+    while True:
+        byte = _recv_exact(sock, 1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return kind, _recv_exact(sock, length)
+
+
+class InfoWatcher:
+    """A minimal MQTT 3.1.1 subscriber (stdlib only: the USB host need not have paho) that waits
+    for a board's info message to be published live, i.e. by the board after it restarted."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topic: str,
+        user: str | None,
+        password: str | None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        client_id: str = "",
+    ) -> None:
+        self.topic = topic
+        raw = socket.create_connection((host, port), timeout=10)
+        if tls:
+            context = ssl.create_default_context(cafile=ca_file)
+            self.sock: socket.socket = context.wrap_socket(raw, server_hostname=host)
+        else:
+            self.sock = raw
+        flags = 0x02 | (0x80 if user else 0) | (0x40 if password else 0)
+        client_id = client_id or f"labfleet-provision-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+        body = _mqtt_string("MQTT") + bytes([4, flags]) + struct.pack("!H", 60) + _mqtt_string(client_id)
+        if user:
+            body += _mqtt_string(user)
+        if password:
+            body += _mqtt_string(password)
+        self.sock.sendall(_mqtt_packet(0x10, body))
+        kind, payload = _recv_packet(self.sock)
+        if kind != 0x20 or len(payload) < 2 or payload[1] != 0:
+            code = payload[1] if len(payload) > 1 else None
+            raise BoardError(f"the broker refused the info check (CONNACK return code {code})")
+        self.sock.sendall(_mqtt_packet(0x82, struct.pack("!H", 1) + _mqtt_string(topic) + b"\x00"))
+
+    def wait(self, accept: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
+        """The first live (not retained) info message that `accept` takes, or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                kind, body = _recv_packet(self.sock)
+            except TimeoutError:
+                return None
+            if kind >> 4 != 3:  # not PUBLISH (SUBACK, ...)
+                continue
+            retained = bool(kind & 0x01)
+            topic_len = struct.unpack("!H", body[:2])[0]
+            offset = 2 + topic_len + (2 if kind & 0x06 else 0)
+            try:
+                info = json.loads(body[offset:])
+            except ValueError:
+                continue
+            if not retained and isinstance(info, dict) and accept(info):
+                return info
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(b"\xe0\x00")  # DISCONNECT
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- serialising access
+
+
+@contextmanager
+def host_lock(name: str) -> Iterator[None]:
+    """One holder at a time per USB host (scanning ports must not race another scan)."""
+    directory = os.path.join(os.path.expanduser("~"), ".cache", "labfleet")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
