@@ -89,6 +89,7 @@ def render(report: dict[str, Any]) -> str:
             continue
         results = entry["results"]
         summary = results.get("summary")
+        prose = WORK / f"bench_{name}.md"
         if summary:
             lines += ["| Figure | Value | Goal | Met |", "| --- | --- | --- | --- |"]
             for row in summary:
@@ -96,7 +97,7 @@ def render(report: dict[str, Any]) -> str:
                 met = {True: "yes", False: "**no**", None: ""}[row.get("met")]
                 lines.append(f"| {row['figure']} | {value} | {row.get('goal', '')} | {met} |")
             lines.append("")
-        else:
+        elif not prose.exists():
             rows: list[tuple[str, Any]] = []
             flatten("", {k: v for k, v in results.items() if k != "summary"}, rows)
             lines += ["| Measurement | Value |", "| --- | --- |"]
@@ -104,6 +105,8 @@ def render(report: dict[str, Any]) -> str:
             lines.append("")
         if results.get("notes"):
             lines += [str(results["notes"]), ""]
+        if prose.exists():  # the benchmark's own account of what it measured, in full
+            lines += [prose.read_text().replace("\n## ", "\n### ").removeprefix("## ").strip(), ""]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ def test_retained_message_survives_kill_9(mosquitto: Mosquitto) -> None:
     pub.loop_stop()
     pub.disconnect()
     mosquitto.restart(hard=True)  # autosave_on_changes: saved before the kill
-    got: list[bytes] = []
+    got: list[bytes | bytearray] = []
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sub")
     sub.on_message = lambda c, u, m: got.append(m.payload)
     sub.connect("127.0.0.1", mosquitto.port)
@@ -41,7 +41,7 @@ def test_embedded_fallback_broker_carries_messages(tmp_path: Path) -> None:
     """`make demo` on a machine without mosquitto uses the embedded amqtt broker."""
     broker = Amqtt(tmp_path / "amqtt").start()
     try:
-        got: list[bytes] = []
+        got: list[bytes | bytearray] = []
         sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sub")
         sub.on_message = lambda c, u, m: got.append(m.payload)
         sub.connect("127.0.0.1", broker.port)

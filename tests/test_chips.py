@@ -222,9 +222,9 @@ def test_the_factory_builds_every_chip_with_its_interface() -> None:
             assert isinstance(chip, SPIDevice)
         else:
             assert isinstance(chip, I2CDevice)
-    assert make_chip("sht30", env, address=0x45).i2c_address == 0x45
-    assert make_chip("SHT20", env).i2c_address == 0x40
-    assert make_chip("DS3231", env, powered_at=T0).i2c_address == 0x68
+    assert make_i2c_chip("sht30", env, address=0x45).i2c_address == 0x45
+    assert make_i2c_chip("SHT20", env).i2c_address == 0x40
+    assert make_i2c_chip("DS3231", env, powered_at=T0).i2c_address == 0x68
     with pytest.raises(TypeError, match="powered_at"):
         make_chip("DS3231", env)  # its registers count from power-up: no silent default
     with pytest.raises(ValueError, match="unknown chip"):

@@ -49,7 +49,7 @@ class Collector:
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rc, p: self.subscribed.set()
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(1, 1)
         self.client.connect("127.0.0.1", port, keepalive=30)
         self.client.loop_start()
         assert self.subscribed.wait(10), "collector could not subscribe"

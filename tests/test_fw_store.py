@@ -235,7 +235,8 @@ print(json.dumps({"torn": s.torn, "depth": s.depth()}))
 
 
 def write(micropython_bin: str, lib: Path, cwd: Path, *args: int) -> dict[str, Any]:
-    return run(micropython_bin, lib, WRITE_SCRIPT, cwd, args=tuple(str(a) for a in args))[0]
+    result: dict[str, Any] = run(micropython_bin, lib, WRITE_SCRIPT, cwd, args=tuple(str(a) for a in args))[0]
+    return result
 
 
 def read_all(micropython_bin: str, lib: Path, cwd: Path, flash: int) -> dict[str, Any]:
