@@ -1,0 +1,198 @@
+"""Heap the board firmware needs, and its replay rate, on virtual boards (real MicroPython unix
+port, simulated chips, a real mosquitto on 127.0.0.1).
+
+The smallest `-X heapsize` at which the firmware runs without a MemoryError is searched with
+short runs (a few simulated minutes with a WiFi outage and its replay, so the flash spill and the
+batch encoding are exercised), then confirmed with one simulated hour (again with an outage);
+a failed confirmation moves one step up. Reported:
+
+  heapsize_min_bytes        the raw -X heapsize that ran the hour
+  rom_alloc_at_boot_bytes   what the virtual board's ROM (simulated machine/network/socket... in
+                            Python, on a real board in ROM/flash) had allocated before boot.py
+  firmware_share_bytes      heapsize_min - rom_alloc_at_boot (the issue's goal: <= 48 KiB)
+  firmware_live_heap_bytes  the firmware's largest live heap: free heap at boot minus the
+                            lowest free heap the health messages reported (after gc.collect():
+                            live objects, not garbage waiting for a collection)
+  replay_rate               simulated seconds of backlog per simulated second of replay, after
+                            the outage of the confirmation run
+
+    .venv/bin/python bench/bench_fw_heap.py --out bench/results/fw_heap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from firmware import protocol  # noqa: E402
+from tests.fw_board import Watcher, add_board, board_config, build_firmware, console_text, wait_sim  # noqa: E402
+from vboard.broker import Mosquitto  # noqa: E402
+from vboard.fleet import Fleet  # noqa: E402
+from vboard.spec import BoardSpec, LanSpec  # noqa: E402
+
+SSID, PASSWORD = "bench-wifi", "bench-password"
+KIB = 1024
+
+
+def run(
+    build: Path, work: Path, heap_kib: int, speed: float, seconds: float, outage: float
+) -> dict[str, Any]:
+    """One board for `seconds` simulated seconds with a WiFi outage of `outage` seconds in the
+    middle; whether it ran without a MemoryError (or any other crash), and what it reported."""
+    name = f"heap-{heap_kib}k"
+    lan = LanSpec(access_points=[{"ssid": SSID, "password": PASSWORD}])
+    with Mosquitto(work / name / "broker") as broker, Fleet(work / name, speed=speed, lan=lan) as fleet:
+        watcher = Watcher(broker.port, clock=fleet.clock.now).start()
+        try:
+            cfg = board_config(name, broker.port, SSID, PASSWORD)
+            board = add_board(fleet, BoardSpec(name=name, rtc_set=True, heapsize=f"{heap_kib}K"), build, cfg)
+            start = fleet.clock.now()
+            ap = fleet.lan.access_points[SSID]
+            down = start + (seconds - outage) / 2
+            wait_sim(fleet, down)
+            fleet.call(lambda: setattr(ap, "up", False))
+            fleet.call(board.station.advance)
+            wait_sim(fleet, down + outage)
+            fleet.call(lambda: setattr(ap, "up", True))
+            up = fleet.clock.now()
+            wait_sim(fleet, start + seconds)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (
+                watcher.samples and watcher.samples[-1][protocol.I_TIME] >= start + seconds - 5
+            ):
+                time.sleep(0.1)
+            console = console_text(board)
+            samples = watcher.unique_samples()
+            arrivals: dict[tuple[int, int], float] = {}
+            for s, at in zip(watcher.samples, watcher.sample_arrivals, strict=True):
+                arrivals.setdefault((s[protocol.I_BOOT], s[protocol.I_SEQ]), at)
+            backlog = [arrivals[(s[0], s[1])] for s in samples if down <= s[protocol.I_TIME] <= up]
+            health = watcher.json_of(protocol.HEALTH)
+            ok = (
+                "MemoryError" not in console
+                and board.boot_count == 1
+                and board.crashes == 0
+                and not (board.flash_dir / "crash.log").exists()
+                and bool(samples)
+                and samples[-1][protocol.I_TIME] >= start + seconds - 5
+            )
+            replay = max(backlog) - min(backlog) if len(backlog) > 1 else 0.0
+            return {
+                "heapsize_kib": heap_kib,
+                "ok": ok,
+                "memory_error": "MemoryError" in console,
+                "boots": board.boot_count,
+                "samples": len(samples),
+                "rom_alloc_at_boot": board.heap_at_boot[0] if board.heap_at_boot else None,
+                "rom_free_at_boot": board.heap_at_boot[1] if board.heap_at_boot else None,
+                "min_free_heap": min((h["heap"] for h in health), default=None),
+                "backlog_samples": len(backlog),
+                "replay_rate": len(backlog) / replay if replay > 0 else None,
+                "console_tail": console[-600:] if not ok else "",
+            }
+        finally:
+            watcher.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--speed", type=float, default=120)
+    parser.add_argument("--low", type=int, default=96, help="KiB known (or assumed) too small")
+    parser.add_argument("--high", type=int, default=256, help="KiB known to be enough")
+    parser.add_argument("--step", type=int, default=4, help="KiB resolution of the search")
+    parser.add_argument("--probe-s", type=float, default=600, help="simulated seconds of a search run")
+    parser.add_argument("--confirm-s", type=float, default=3600, help="simulated seconds of the confirmation")
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-fw-heap-") as tmp:
+        work = Path(tmp)
+        build = build_firmware(work / "build")
+        probes: list[dict[str, Any]] = []
+        low, high = args.low, args.high
+        while high - low > args.step:
+            mid = (low + high) // 2 // args.step * args.step
+            result = run(build, work / "probe", mid, args.speed, args.probe_s, args.probe_s / 3)
+            probes.append(result)
+            print(f"{mid} KiB: {'ok' if result['ok'] else 'FAILED'}", flush=True)
+            if result["ok"]:
+                high = mid
+            else:
+                low = mid
+        confirmed = None
+        heap = high
+        while confirmed is None:
+            result = run(build, work / "confirm", heap, args.speed, args.confirm_s, args.confirm_s / 3)
+            probes.append(result)
+            print(f"{heap} KiB for {args.confirm_s:.0f} s: {'ok' if result['ok'] else 'FAILED'}", flush=True)
+            if result["ok"]:
+                confirmed = result
+            else:
+                heap += args.step
+    heapsize = confirmed["heapsize_kib"] * KIB
+    rom = confirmed["rom_alloc_at_boot"]
+    out = {
+        "heapsize_min_bytes": heapsize,
+        "rom_alloc_at_boot_bytes": rom,
+        "firmware_share_bytes": heapsize - rom if rom is not None else None,
+        "goal_firmware_share_bytes": 48 * KIB,
+        "firmware_live_heap_bytes": (
+            confirmed["rom_free_at_boot"] - confirmed["min_free_heap"] if confirmed["min_free_heap"] else None
+        ),
+        "replay_rate": confirmed["replay_rate"],
+        "replay_backlog_samples": confirmed["backlog_samples"],
+        "speed": args.speed,
+        "confirm_simulated_s": args.confirm_s,
+        "probes": probes,
+        "wall_s": round(time.monotonic() - started, 1),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    share = out["firmware_share_bytes"]
+    live = out["firmware_live_heap_bytes"]
+    rate = out["replay_rate"]
+    out["summary"] = [
+        {"figure": "smallest -X heapsize for 1 simulated hour", "value": heapsize / KIB, "unit": "KiB"},
+        {"figure": "the ROM's allocation at boot (simulated hardware)", "value": rom / KIB, "unit": "KiB"},
+        {
+            "figure": "firmware share (heapsize - ROM at boot)",
+            "value": share / KIB if share else None,
+            "unit": "KiB",
+            "goal": "<= 48 KiB",
+            "met": share is not None and share <= 48 * KIB,
+        },
+        {"figure": "firmware's largest live heap", "value": live / KIB if live else None, "unit": "KiB"},
+        {
+            "figure": "replay rate after a WiFi outage",
+            "value": rate,
+            "unit": "x real time",
+            "goal": ">= 20x",
+            "met": rate is not None and rate >= 20,
+        },
+    ]
+    out["notes"] = (
+        "64-bit unix port: objects and pointers take ~1.7x the ESP8266's bytes. The firmware "
+        "share includes the qstr pool the firmware's names make the VM allocate and every "
+        "transient the firmware needs at its peak (boot, connect, a replay batch)."
+    )
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

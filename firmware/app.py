@@ -1,0 +1,375 @@
+# The board application: sample once per DS3231 second, keep every sample until the broker has
+# acknowledged it, publish over MQTT. main.py calls run() with the config start.py checked;
+# appinit.py builds the objects (and is unloaded), this module is what runs for months.
+#
+# One loop, never sleeping longer than ~100 ms and never blocking long while a sample is due:
+#   - the sampler (sampler.py) turns SQW edges into samples in the store (store.py);
+#   - samples the broker has not acknowledged stay in the store: RAM first, moved to the flash
+#     ring once the oldest has waited buffer.flush_s seconds (so a reset loses at most that
+#     many), so a WiFi or broker outage loses nothing but grows the backlog;
+#   - while connected, the oldest pending samples go out in batches of up to buffer.batch as
+#     QoS 1 publishes, WINDOW of them in flight; each PUBACK commits its batch. A backlog is
+#     replayed many times faster than real time while live samples queue up behind it;
+#   - network work that can block for a moment (WiFi status, NTP, MQTT connect, info, health)
+#     runs just after a sample was taken, when the next SQW edge is most of a second away.
+# WiFi: the configured networks are tried in order; once associated, the ESP8266 reconnects by
+# itself after a drop, so the next network is only tried after WIFI_SWITCH_MS without a link.
+# MQTT: clean session, client id = device name, the retained `offline` last will in CONNECT;
+# on every connect retained `online` and info, then data; retained health every health_s.
+# Reconnects back off exponentially (capped, jittered). The board subscribes to nothing.
+# The flash button held for BUTTON_HOLD_MS pauses/resumes publishing data (sampling goes on).
+
+import gc
+import json
+import os
+import time
+
+import machine
+import protocol
+from drivers.errors import SensorError
+from micropython import const
+
+FIRMWARE_VERSION = "0.1.0"
+SAMPLES_FILE = "samples.dat"  # the store's flash ring
+
+_WIFI_CHECK_MS = const(2000)
+WIFI_SWITCH_MS = const(30000)  # no link for this long: associate with the next network
+_LINK_LOST_MS = const(10000)  # no link for this long: the MQTT connection is dead, close it
+_BACKOFF_FIRST_MS = const(1000)
+_BACKOFF_MAX_MS = const(60000)
+_SYNC_RETRY_S = const(60)
+_SYNC_CHECK_S = const(30)  # after the DS3231 was set: check it against NTP this soon
+_RTC_RETRY_MS = const(10000)  # a DS3231 that did not answer is tried again this often
+# Before the next SQW edge is due, the loop must be back in time to take its sample: work that
+# may block for a moment (WiFi status, NTP, connect, info, health) starts only with at least
+# _BLOCKING_IDLE_MS to go, the encoding of a data batch with at least _BATCH_IDLE_MS.
+_BLOCKING_IDLE_MS = const(700)
+_BATCH_IDLE_MS = const(300)
+BUTTON_HOLD_MS = const(2000)
+# A CONNACK comes within milliseconds from a healthy broker; waiting longer only delays samples.
+CONNECT_TIMEOUT_MS = const(2000)
+
+
+class App:
+    WINDOW = 8  # QoS 1 publishes in flight
+    BOOT_SYNC_WAIT_MS = 20000  # OSF set at boot: how long sampling waits for NTP
+
+    def __init__(self):
+        now = time.ticks_ms()
+        self.paused = False
+        self.pressed_at = None  # ticks_ms when the flash button went down
+        self.toggled = False
+        self.net_index = 0
+        self.wifi_up = False
+        self.wifi_tried = now
+        self.wifi_lost = now
+        self.wifi_checked = now
+        # what each in-flight publish holds, in publish order: n > 0 a data batch of n FIFO
+        # positions, 0 anything else, -n a batch of damaged records completing with its
+        # predecessors (nothing was published for it)
+        self.ring = [0] * (2 * self.WINDOW)
+        self.ring_head = 0
+        self.ring_len = 0
+        self.connected_once = False
+        self.reconnects = 0
+        self.backoff_ms = 0
+        self.connect_at = now
+        self.info_due = False
+        self.rtc_tried = now
+        self.boot_ticks = now
+        self.last_ticks = now
+        self.up_s = 0  # uptime, accumulated from ticks (ticks_ms wraps after 12 days)
+        self.up_ms = 0
+        self.sync_at = 0  # uptime second of the next NTP check
+        self.health_at = 0
+
+    def start_rtc(self):
+        try:
+            self.timesync.start()
+            return True
+        except SensorError:
+            print("labfleet: the DS3231 does not answer: no sampling until it does")
+            return False
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def loop(self):
+        sampler = self.sampler
+        client = self.client
+        self.health_at = self.health_s
+        while True:
+            self.wdt.feed()
+            wait = sampler.service()
+            now = time.ticks_ms()
+            self.up_ms += time.ticks_diff(now, self.last_ticks)
+            self.last_ticks = now
+            if self.up_ms >= 1000:
+                self.up_s += self.up_ms // 1000
+                self.up_ms %= 1000
+            self.flush_due()
+            self.check_button(now)
+            if not sampler.enabled:
+                ts = self.timesync
+                if ts.synced or time.ticks_diff(now, self.boot_ticks) >= self.BOOT_SYNC_WAIT_MS:
+                    if not ts.synced:
+                        print("labfleet: no NTP answer: sampling flagged time_unsynced")
+                    sampler.enabled = True
+            if not self.rtc_ok and time.ticks_diff(now, self.rtc_tried) >= _RTC_RETRY_MS:
+                self.rtc_tried = now
+                self.rtc_ok = self.start_rtc()
+            if sampler.idle_ms() >= _BLOCKING_IDLE_MS:
+                self.network(now)
+            if client.sock is None:
+                time.sleep_ms(wait)
+                continue
+            try:
+                self.publish_data(sampler)
+                self.acked(client.poll(wait))
+            except OSError as e:
+                self.drop(e)
+
+    def flush_due(self):
+        store = self.store
+        oldest = store.ram_oldest_seq()
+        if oldest >= 0 and self.sampler.seq - oldest >= self.flush_s:
+            store.flush()
+
+    def check_button(self, now):
+        if self.button.value():  # released (pulled up)
+            self.pressed_at = None
+        elif self.pressed_at is None:
+            self.pressed_at = now
+            self.toggled = False
+        elif not self.toggled and time.ticks_diff(now, self.pressed_at) >= BUTTON_HOLD_MS:
+            self.toggled = True
+            self.paused = not self.paused
+            self.health_at = self.up_s  # tell the recorder now
+            print("labfleet: publishing %s" % ("paused" if self.paused else "resumed"))
+
+    # --- network -----------------------------------------------------------------------------
+
+    def network(self, now):
+        """At most one operation that may block for a moment per call."""
+        if time.ticks_diff(now, self.wifi_checked) >= _WIFI_CHECK_MS:
+            self.wifi_checked = now
+            self.check_wifi(now)
+            return
+        if not self.wifi_up:
+            return
+        ts = self.timesync
+        # the offset is measured at an SQW edge: wait for the sampler's anchor unless the time
+        # is known to be wrong anyway
+        if self.up_s >= self.sync_at and self.rtc_ok and (ts.osf or self.sampler.base is not None):
+            if ts.sync(self.wdt):
+                self.sync_at = self.up_s + (_SYNC_CHECK_S if ts.just_set else self.resync_s)
+                self.sampler.flags &= ~protocol.FLAG_TIME_UNSYNCED
+                self.info_due = True
+            else:
+                self.sync_at = self.up_s + _SYNC_RETRY_S
+            return
+        client = self.client
+        try:
+            if client.sock is None:
+                if time.ticks_diff(now, self.connect_at) >= 0:
+                    self.connect(now)
+            elif client.window_free():
+                if self.info_due:
+                    self.info_due = False
+                    self.publish(self.t_info, self.info())
+                elif self.up_s >= self.health_at:
+                    self.health_at = self.up_s + self.health_s
+                    self.publish(self.t_health, self.health())
+        except OSError as e:
+            self.drop(e)
+
+    def check_wifi(self, now):
+        up = self.wlan.isconnected()
+        if up and not self.wifi_up:
+            self.backoff_ms = 0  # the link is back: the broker may well be reachable again
+            self.connect_at = now
+        self.wifi_up = up
+        if up:
+            self.wifi_lost = now
+            return
+        lost_for = time.ticks_diff(now, self.wifi_lost)
+        if self.client.sock is not None and lost_for >= _LINK_LOST_MS:
+            self.drop(None)
+        if lost_for >= WIFI_SWITCH_MS and time.ticks_diff(now, self.wifi_tried) >= WIFI_SWITCH_MS:
+            self.net_index = (self.net_index + 1) % len(self.networks)
+            self.wifi_tried = now
+            try:
+                self.wlan.connect(*self.networks[self.net_index])
+            except OSError as e:
+                print("labfleet: WiFi connect failed: %s" % e)
+
+    def connect(self, now):
+        client = self.client
+        try:
+            client.connect()
+        except OSError as e:
+            print("labfleet: MQTT connect failed: %s" % e)
+            self.backoff(now)
+            return
+        self.store.rewind()
+        self.ring_len = 0
+        if self.connected_once:
+            self.reconnects += 1
+        self.connected_once = True
+        self.backoff_ms = 0
+        self.info_due = False
+        self.publish(self.t_status, protocol.ONLINE)
+        self.publish(self.t_info, self.info())
+
+    def backoff(self, now):
+        delay = self.backoff_ms * 2 if self.backoff_ms else _BACKOFF_FIRST_MS
+        if delay > _BACKOFF_MAX_MS:
+            delay = _BACKOFF_MAX_MS
+        self.backoff_ms = delay
+        jitter = delay * (os.urandom(1)[0] - 128) // 512  # +-25 %
+        self.connect_at = time.ticks_add(now, delay + jitter)
+
+    def drop(self, error):
+        if error is not None:
+            print("labfleet: MQTT connection lost: %s" % error)
+        self.client.close()
+        self.store.rewind()
+        self.ring_len = 0
+        self.backoff(time.ticks_ms())
+
+    # --- publishing --------------------------------------------------------------------------
+
+    def publish(self, topic, payload):
+        """A retained QoS 1 publish (status, info, health)."""
+        self.client.publish(topic, payload, retain=True, qos=1)
+        self.ring_push(0)
+
+    def publish_data(self, sampler):
+        if self.paused:
+            return
+        client = self.client
+        store = self.store
+        # one slot is kept for info and health
+        while client.window_free() > 1 and store.pending() and sampler.idle_ms() >= _BATCH_IDLE_MS:
+            n = store.take(self.batch)
+            if store.batch_samples:
+                client.publish(self.t_data, store.batch(), qos=1)
+                self.ring_push(n)
+            elif self.ring_len:
+                self.ring_push(-n)
+            else:
+                store.commit(n)
+
+    def ring_push(self, value):
+        ring = self.ring
+        ring[(self.ring_head + self.ring_len) % len(ring)] = value
+        self.ring_len += 1
+
+    def ring_pop(self):
+        value = self.ring[self.ring_head]
+        self.ring_head = (self.ring_head + 1) % len(self.ring)
+        self.ring_len -= 1
+        return value
+
+    def acked(self, completed):
+        store = self.store
+        ring = self.ring
+        for _ in range(completed):
+            n = self.ring_pop()
+            if n:
+                store.commit(n)
+            while self.ring_len and ring[self.ring_head] < 0:
+                store.commit(-self.ring_pop())
+
+    # --- messages ----------------------------------------------------------------------------
+
+    def now(self):
+        t = self.sampler.now()
+        if t is None:
+            try:
+                t = self.rtc.time()
+            except SensorError:
+                t = 0
+        return t
+
+    def info(self):
+        ts = self.timesync
+        fields = self.info_fields
+        fields["time"] = {
+            "source": "ntp" if ts.synced else "rtc",
+            "sync": ts.result,
+            "osf": ts.osf,
+            "offset_ms": ts.offset_ms,
+        }
+        fields["t"] = self.now()
+        return json.dumps(fields)
+
+    def health(self):
+        gc.collect()
+        store = self.store
+        try:
+            rssi = self.wlan.status("rssi")
+        except (OSError, ValueError):
+            rssi = None
+        return json.dumps(
+            {
+                "boot": self.boot,
+                "t": self.now(),
+                "up": self.up_s,
+                "rssi": rssi,
+                "heap": gc.mem_free(),
+                "backlog": store.depth(),
+                "dropped": store.dropped + store.overruns,
+                "reconnects": self.reconnects,
+                "seq": self.sampler.seq - 1,
+                "drift_ms": self.timesync.offset_ms,
+                "paused": self.paused,
+            }
+        )
+
+
+def run(box):
+    """box: [config, config file name, reset cause] from start.py, emptied here so the config's
+    heap is freed once appinit has taken what the app needs. Never returns."""
+    import sys
+
+    import appinit
+
+    app = App()
+    appinit.setup(app, box.pop(0), box.pop(0), box.pop(0))
+    del appinit
+    sys.modules.pop("appinit")
+    gc.collect()
+    # the long-lived objects, the store's buffers (the largest blocks) first
+    from store import Store
+
+    app.store = store = Store(app.ram_samples, app.flash_samples, SAMPLES_FILE, app.batch)
+    # the watchdog starts once the store is open: recovering a flash ring without its journal
+    # reads the whole ring, which may take seconds on a board
+    app.wdt = machine.WDT()
+    from mqtt import MQTTClient
+    from sampler import Sampler
+    from timesync import TimeSync
+
+    app.info_fields["buffer"] = {"ram": store.ram_capacity, "flash": store.capacity, "flush_s": app.flush_s}
+    app.sampler = sampler = Sampler(store, app.boot, app.rtc, app.tc, app.amb, app.sqw_gpio)
+    app.timesync = TimeSync(app.rtc, sampler, app.ntp_host)
+    app.rtc_ok = app.start_rtc()
+    if app.timesync.osf:
+        # the DS3231 lost power: its time is not to be trusted. Sampling starts once NTP set it,
+        # or, if NTP stays out of reach, flagged unsynced after BOOT_SYNC_WAIT_MS
+        sampler.enabled = False
+        sampler.flags = protocol.FLAG_TIME_UNSYNCED
+    broker = app.broker
+    app.client = client = MQTTClient(
+        app.device,
+        broker["host"],
+        broker["port"],
+        user=broker["user"],
+        password=broker["password"],
+        keepalive=broker["keepalive"],
+        tls=broker["tls"],
+        window=App.WINDOW,
+        connect_timeout_ms=CONNECT_TIMEOUT_MS,
+    )
+    client.set_last_will(app.t_status, protocol.OFFLINE, retain=True, qos=1)
+    app.loop()

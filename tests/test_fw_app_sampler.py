@@ -1,0 +1,202 @@
+"""firmware/sampler.py's bookkeeping of seconds in the real MicroPython unix port, with the SQW
+edges, the DS3231 and the sensors stood in for.
+
+Stand-ins, because the virtual board cannot produce these on demand: an SQW interrupt the
+ESP8266's scheduler dropped, a DS3231 read that ended in the next second, a main loop blocked for
+several edges. The virtual-board tests (test_fw_app.py) cover the sampler against the real chip
+models; here the point is that whatever the edge count and the DS3231 disagree about, every
+second is sent exactly once and no value is sent under a second it was not measured in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firmware import protocol
+from tests.fw_run import checked, compile_firmware, run_script
+
+HARNESS = """
+import json, sys
+
+class Pin:
+    IN = 0
+    PULL_UP = 1
+    IRQ_RISING = 1
+    level = 1
+    def __init__(self, *args, **kwargs):
+        pass
+    def value(self):
+        return Pin.level
+    def irq(self, trigger=0, handler=None):
+        pass
+
+class FakeMachine:
+    pass
+
+machine = FakeMachine()
+machine.Pin = Pin
+sys.modules["machine"] = machine
+
+import sampler, store
+from drivers.errors import NotAnswering
+
+class RTC:
+    second = 1700000000  # what the DS3231 shows now
+    def time(self):
+        return RTC.second
+    def datetime(self):
+        s = RTC.second
+        return (2023, 11, 14, s // 3600 % 24, s // 60 % 60, s % 60)
+
+class TC:
+    def read(self):
+        return RTC.second % 1000 * 100  # a value that says which second it was measured in
+
+s = store.Store(200, 0, batch=200)
+smp = sampler.Sampler(s, 1, RTC(), TC(), None, 2)
+
+def edge(second, shows=None):
+    # one SQW edge of DS3231 second `second`; the DS3231 shows `shows` while it is sampled
+    RTC.second = second if shows is None else shows
+    sampler._on_edge(None)
+
+def run():
+    smp.service()
+
+def lost(second):
+    # an edge the scheduler dropped: the DS3231 counted on, the sampler never heard of it
+    RTC.second = second
+
+def samples():
+    out = []
+    while s.pending():
+        n = s.take(200)
+        out.extend(json.loads(bytes(s.batch())))
+        s.commit(n)
+    return out
+"""
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_firmware(tmp_path_factory.mktemp("fwlib"))
+
+
+def scenario(micropython_bin: str, lib: Path, cwd: Path, body: str) -> list[list[Any]]:
+    out = checked(run_script(micropython_bin, lib, HARNESS + body + "\nprint(json.dumps(samples()))\n", cwd))
+    return out[-1]  # type: ignore[no-any-return]
+
+
+def seconds(samples: list[list[Any]]) -> list[int]:
+    return [s[protocol.I_TIME] for s in samples]
+
+
+def late(samples: list[list[Any]]) -> list[int]:
+    return [s[protocol.I_TIME] for s in samples if s[protocol.I_FLAGS] & protocol.FLAG_LATE]
+
+
+def assert_values_are_of_their_second(samples: list[list[Any]]) -> None:
+    for s in samples:
+        if s[protocol.I_KT] is not None:
+            assert s[protocol.I_KT] == s[protocol.I_TIME] % 1000 * 100, s
+
+
+T0 = 1_700_000_000
+
+
+def test_one_sample_per_edge_from_the_anchor_on(micropython_bin: str, lib: Path, tmp_path: Path) -> None:
+    got = scenario(
+        micropython_bin,
+        lib,
+        tmp_path,
+        "for k in range(5):\n    edge(T0 + k)\n    run()\n".replace("T0", str(T0)),
+    )
+    assert seconds(got) == [T0 + k for k in range(1, 5)]  # the anchor edge is not sampled
+    assert [s[protocol.I_SEQ] for s in got] == list(range(4))
+    assert late(got) == []
+    assert_values_are_of_their_second(got)
+
+
+def test_a_lost_edge_leaves_no_gap_and_no_wrong_value(
+    micropython_bin: str, lib: Path, tmp_path: Path
+) -> None:
+    body = f"""
+for k in range(3):
+    edge({T0} + k); run()
+lost({T0} + 3)
+for k in range(4, 12):
+    edge({T0} + k); run()
+"""
+    got = scenario(micropython_bin, lib, tmp_path, body)
+    assert seconds(got) == list(range(T0 + 1, T0 + 12))  # every second once, the lost one too
+    assert late(got)  # the seconds the count was behind are nulls with FLAG_LATE
+    assert all(s[protocol.I_KT] is None for s in got if s[protocol.I_FLAGS])
+    assert_values_are_of_their_second(got)
+    assert got[-1][protocol.I_KT] is not None  # and the count is right again
+
+
+def test_an_anchor_read_that_ended_in_the_next_second_is_corrected(
+    micropython_bin: str, lib: Path, tmp_path: Path
+) -> None:
+    body = f"""
+edge({T0}, shows={T0} + 1); run()     # the anchor: the DS3231 read already showed the next second
+for k in range(1, 8):
+    edge({T0} + k); run()
+"""
+    got = scenario(micropython_bin, lib, tmp_path, body)
+    assert seconds(got) == list(range(T0 + 1, T0 + 8))
+    assert late(got) == [T0 + 1]  # found out at the first sample, which gets no values
+    assert_values_are_of_their_second(got)
+
+
+def test_edges_missed_while_the_loop_was_blocked_get_late_nulls(
+    micropython_bin: str, lib: Path, tmp_path: Path
+) -> None:
+    body = f"""
+edge({T0}); run()
+edge({T0} + 1); run()
+edge({T0} + 2); edge({T0} + 3); edge({T0} + 4); run()   # three edges before the loop came back
+edge({T0} + 5); run()
+"""
+    got = scenario(micropython_bin, lib, tmp_path, body)
+    assert seconds(got) == list(range(T0 + 1, T0 + 6))
+    assert late(got) == [T0 + 2, T0 + 3]
+    assert_values_are_of_their_second(got)
+
+
+def test_a_clock_set_starts_a_new_sequence_of_seconds(
+    micropython_bin: str, lib: Path, tmp_path: Path
+) -> None:
+    body = f"""
+import time
+for k in range(3):
+    edge({T0} + k); run()
+time.sleep_ms(2)
+smp.reanchor(time.ticks_ms())     # timesync set the DS3231 an hour back
+time.sleep_ms(2)
+for k in range(3):
+    edge({T0} - 3600 + k); run()
+"""
+    got = scenario(micropython_bin, lib, tmp_path, body)
+    assert seconds(got) == [T0 + 1, T0 + 2, T0 - 3600 + 1, T0 - 3600 + 2]
+    assert late(got) == []
+    assert_values_are_of_their_second(got)
+
+
+def test_a_late_read_gives_nulls_not_the_next_seconds_value(
+    micropython_bin: str, lib: Path, tmp_path: Path
+) -> None:
+    body = f"""
+edge({T0}); run()
+edge({T0} + 1, shows={T0} + 2); run()   # this sample's reads ended in the next second
+edge({T0} + 2); run()
+edge({T0} + 3); run()
+"""
+    got = scenario(micropython_bin, lib, tmp_path, body)
+    assert seconds(got) == list(range(T0 + 1, T0 + 4))
+    assert late(got) == [T0 + 1]
+    assert got[0][protocol.I_KT] is None
+    assert_values_are_of_their_second(got)
