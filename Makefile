@@ -7,7 +7,10 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint bench
+DURATION ?= 60
+SPEED ?= 60
+
+.PHONY: help venv test test-fast lint bench demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -19,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[recorder,vboard,provision,dev]'
 	touch $(STAMP)
+
+demo: venv ## broker + 3 virtual boards provisioned via site.yml + recorder, live table, plots [DURATION=60 SPEED=60]
+	$(PY) -m vboard.demo --duration $(DURATION) --speed $(SPEED)
 
 test: venv ## run the whole test suite (needs mosquitto on PATH: .ci/run installs it)
 	$(PY) -m pytest $(PYTEST_ARGS)

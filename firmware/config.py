@@ -36,6 +36,11 @@ except ImportError:  # CPython tools import the firmware as a package
     from firmware.protocol import DEVICE_NAME_MAX, valid_device_name
 
 CONFIG_FILE = "config.json"
+# While this file is on the flash the board boots in safe mode (app and watchdog not started).
+# Provisioning creates it before touching a board's files and removes it when done: once the
+# app has started the ESP8266's watchdog nothing stops it (a soft reset neither), so a board
+# interrupted at its REPL would reset in the middle of an upload (roles/board_port).
+SAFE_MODE_FILE = "safemode"
 SCHEMA_VERSION = 1
 
 THERMOCOUPLE_TYPES = ("MAX6675", "MAX31855")

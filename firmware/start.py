@@ -1,7 +1,8 @@
 # What main.py needs before the app runs, and after it failed; imported, used and unloaded.
 #
 # Safe mode (the app is not started, the REPL is free for debugging) when the safe-mode pin
-# (config pins.safe_mode, GPIO13 without a usable config) is grounded at boot, or when
+# (config pins.safe_mode, GPIO13 without a usable config) is grounded at boot, when the
+# maintenance file config.SAFE_MODE_FILE is on the flash (provisioning puts it there), or when
 # config.json is missing or invalid: the reasons are printed on the console and the board stays
 # in the REPL, so a bad config never becomes a reset loop.
 #
@@ -52,6 +53,15 @@ def config():
     import config
     from machine import Pin
 
+    try:
+        open(config.SAFE_MODE_FILE).close()
+        print(
+            "labfleet: SAFE MODE: the file %r is on the flash (maintenance); the app is not started"
+            % config.SAFE_MODE_FILE
+        )
+        return None
+    except OSError:
+        pass
     cfg, errors = config.load()
     name = config.CONFIG_FILE
     gpio = (cfg["pins"] if cfg else config.DEFAULT_PINS)["safe_mode"]

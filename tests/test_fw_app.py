@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from firmware import config as fwconfig
 from firmware import protocol
 from tests.fw_board import (
     FIRMWARE_HEAP,
@@ -548,6 +549,25 @@ def test_the_safe_mode_jumper_keeps_the_app_from_starting(
     assert board.boot_count == 1
     assert watcher.messages == []
     assert not board.station.ap_active  # boot.py turned the access point off all the same
+
+
+@pytest.mark.speed(5)
+def test_the_maintenance_file_keeps_the_app_and_its_watchdog_from_starting(
+    lab: Fleet, build: Path, mosquitto: Mosquitto, watcher: Watcher
+) -> None:
+    """Provisioning's safe mode (roles/board_port enter_safe_mode): while the file is on the flash
+    the board stays at its REPL, without the watchdog that would reset it mid-upload."""
+    board = start_board(lab, build, mosquitto)
+    (board.flash_dir / fwconfig.SAFE_MODE_FILE).write_text("")
+    lab.run(board.reset())
+    text = wait_console(board, "SAFE MODE")
+    assert f"the file '{fwconfig.SAFE_MODE_FILE}' is on the flash" in text
+    wait_sim(lab, lab.clock.now() + 20)  # four watchdog periods
+    assert board.wdt_timeout_ms is None and board.reset_cause == 6  # not reset by a watchdog
+    assert_repl_works(board)
+    (board.flash_dir / fwconfig.SAFE_MODE_FILE).unlink()
+    lab.run(board.reset())
+    watcher.wait_for(lambda w: len(w.samples) > 2, 60, "samples after maintenance")
 
 
 @pytest.mark.speed(10)

@@ -210,17 +210,19 @@ def summary_rows(output: str) -> dict[str, list[str]]:
 
 
 def read_board_files(port: str, names: list[str], dest: Path) -> dict[str, bytes]:
-    """The files as they are on the board, copied back with mpremote."""
+    """The files as they are on the board, copied back with mpremote (in safe mode, as the
+    provisioning does: the running app's watchdog would reset the board mid-copy)."""
     dest.mkdir(parents=True, exist_ok=True)
     args: list[str] = []
     for i, name in enumerate(names):
         args += ["fs", "cp", f":{name}", str(dest / f"{i}.bin"), "+"]
-    subprocess.run(
-        [str(VENV_BIN / "mpremote"), "connect", port, *args[:-1]],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    mpremote = str(VENV_BIN / "mpremote")
+    board_utils.enter_safe_mode(mpremote, port)
+    try:
+        subprocess.run([mpremote, "connect", port, *args[:-1]], check=True, capture_output=True, timeout=120)
+    finally:
+        board_utils.leave_safe_mode(mpremote, port)
+        board_utils.restart_app(port)
     return {name: (dest / f"{i}.bin").read_bytes() for i, name in enumerate(names)}
 
 

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -477,3 +478,13 @@ def test_flash_only_when_the_release_differs(tmp_path: Path) -> None:
         "0x0",
         str(image),
     ]
+
+
+def test_provisioning_and_firmware_agree_on_the_maintenance_file() -> None:
+    """roles/board_port runs on USB hosts without the repository, so it carries its own copy."""
+    from firmware import config as fwconfig
+    from tests.test_provision_support import load_role_module
+
+    load_role_module("board_files", "labfleet_board_files")
+    board = sys.modules["ansible.module_utils.labfleet_board"]
+    assert board.SAFE_MODE_FILE == fwconfig.SAFE_MODE_FILE

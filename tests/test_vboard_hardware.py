@@ -385,3 +385,32 @@ def test_watchdog_resets_a_stuck_board_and_deepsleep_wakes_it(lab: Fleet) -> Non
         term.read_until(b"WOKE FROM DEEPSLEEP", timeout=60)
     finally:
         term.close()
+
+
+def test_watchdog_keeps_counting_after_ctrl_c_and_a_soft_reset(lab: Fleet) -> None:
+    """As on the ESP8266: nothing stops a started watchdog but a hard reset."""
+    board = lab.add(BoardSpec(name="wdt2"))
+    lab.wait_repl(board)
+    (board.flash_dir / "main.py").write_text(
+        "import machine, time\n"
+        "print('CAUSE', machine.reset_cause())\n"
+        "try:\n"
+        "    machine.WDT(timeout=1000)\n"
+        "except ValueError:\n"
+        "    print('FIXED TIMEOUT')\n"
+        "wdt = machine.WDT()\n"
+        "while True:\n"
+        "    wdt.feed()\n"
+        "    time.sleep_ms(100)\n"
+    )
+    term = SerialClient(board.console.port)
+    try:
+        lab.run(board.reset())
+        assert b"FIXED TIMEOUT" in term.read_until(b"FIXED TIMEOUT")
+        term.send(b"\x03")  # the app stops feeding
+        term.read_until(b">>> ")
+        term.send(b"\x01\x04")  # raw REPL, soft reset (as mpremote does): the watchdog counts on
+        term.read_until(b"soft reboot")
+        assert b"CAUSE 1" in term.read_until(b"CAUSE 1", timeout=30)  # WDT_RESET
+    finally:
+        term.close()

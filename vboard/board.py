@@ -54,7 +54,7 @@ HARD_RESET = 6
 # (Board.heap_at_boot), so they get their own allowance on top.
 ESP8266_EQUIVALENT_HEAP = 64 * 1024
 HAL_HEAP_OVERHEAD = 72 * 1024
-WDT_DEFAULT_MS = 3200
+WDT_TIMEOUT_MS = 5000  # fixed on the ESP8266
 SYNC_WINDOW_BYTES = 128  # console input kept to spot an esptool SYNC split across reads
 
 
@@ -277,7 +277,6 @@ class Board:
             self._token = secrets.token_hex(8)
             self._hello = self._params(first_boot, soft)
             self.exec_running = False
-            self.wdt_timeout_ms = None
             self.boot_count += 1
             env = {"TZ": "UTC", "MICROPYPATH": ".frozen", "PATH": os.environ.get("PATH", "")}
             self.proc = await asyncio.create_subprocess_exec(
@@ -304,9 +303,11 @@ class Board:
             self.at_repl.clear()
             soft = rc == ipc.EXIT_SOFT_RESET and self._pending_reset is None
             if not soft:
-                # the chip reset takes the radio and every connection with it
+                # the chip reset takes the radio and every connection with it, and stops the
+                # watchdog (a soft reboot does not: it keeps counting)
                 self.station.power_cycle()
                 self.gateway.cut()
+                self.wdt_timeout_ms = None
             if self._pending_reset is not None:
                 self._apply_pending_reset()
             elif rc == ipc.EXIT_POWER_OFF:
@@ -595,7 +596,7 @@ class Board:
             self._spawn(self._deepsleep(int(args[0])))
             return None
         if name == "wdt.start":
-            self.wdt_timeout_ms = WDT_DEFAULT_MS if args[0] is None else int(args[0])
+            self.wdt_timeout_ms = WDT_TIMEOUT_MS
             self.wdt_fed_at = self.clock.now()
             return None
         if name == "rtc.memory":

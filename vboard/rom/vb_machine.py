@@ -380,9 +380,11 @@ class RTC:
 
 
 class WDT:
+    # The ESP8266's watchdog has a fixed 5 s timeout, and nothing stops it once started: not
+    # even a soft reset (only a hard reset does), as ports/esp8266/machine_wdt.c leaves it.
     def __init__(self, id=0, timeout=5000):
-        if id != 0:
-            raise ValueError("WDT(%s) doesn't exist" % id)
+        if timeout != 5000 or id != 0:
+            raise ValueError()
         hal.call("wdt.start", timeout)
         self._last = 0
 

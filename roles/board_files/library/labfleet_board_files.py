@@ -16,8 +16,10 @@ from ansible.module_utils.labfleet_board import (
     BoardNotConnected,
     InfoWatcher,
     board_exec,
+    enter_safe_mode,
     hash_script,
     install_script,
+    leave_safe_mode,
     mkdirs_script,
     parse_result,
     restart_app,
@@ -159,22 +161,27 @@ def main() -> None:
     result["config_hash"] = manifest.get("config_hash")
     started = time.monotonic()
     try:
-        probe = sorted(set(wanted) | set(shadowed_sources(wanted)))
-        state = board_exec(p["mpremote"], port, hash_script(probe), timeout=60)
-        on_board: dict[str, str | None] = state["hashes"]
-        send, remove = plan(wanted, on_board, state.get("previous") or [])
-        result["diff"] = {
-            "before": "".join(f"{n} {str(on_board.get(n))[:12]}\n" for n in send + remove),
-            "after": "".join(f"{n} {wanted[n][:12]}\n" for n in send),
-        }
-        changed = bool(send or remove)
-        if changed and not module.check_mode:
-            result["sent_bytes"] = upload(p["mpremote"], port, src, send, remove, wanted)
-            result["sent_files"] = send
-            result["removed"] = remove
-        elif module.check_mode:
-            result["would_send"] = send
-            result["would_remove"] = remove
+        # Maintenance first: a running app's watchdog would reset the board mid-upload.
+        enter_safe_mode(p["mpremote"], port)
+        try:
+            probe = sorted(set(wanted) | set(shadowed_sources(wanted)))
+            state = board_exec(p["mpremote"], port, hash_script(probe), timeout=60)
+            on_board: dict[str, str | None] = state["hashes"]
+            send, remove = plan(wanted, on_board, state.get("previous") or [])
+            result["diff"] = {
+                "before": "".join(f"{n} {str(on_board.get(n))[:12]}\n" for n in send + remove),
+                "after": "".join(f"{n} {wanted[n][:12]}\n" for n in send),
+            }
+            changed = bool(send or remove)
+            if changed and not module.check_mode:
+                result["sent_bytes"] = upload(p["mpremote"], port, src, send, remove, wanted)
+                result["sent_files"] = send
+                result["removed"] = remove
+            elif module.check_mode:
+                result["would_send"] = send
+                result["would_remove"] = remove
+        finally:
+            leave_safe_mode(p["mpremote"], port)
         result["upload_s"] = round(time.monotonic() - started, 2)
         watcher = None
         if p["confirm"] and p["restart"] and not module.check_mode:

@@ -32,6 +32,9 @@ from contextlib import contextmanager
 from typing import Any
 
 RESULT_MARK = "@@labfleet@@"  # prefixes the one JSON line a board-side script prints
+# The firmware's maintenance file (firmware/config.py SAFE_MODE_FILE; a test checks they agree):
+# while it is on the flash the board boots into safe mode, without the app and its watchdog.
+SAFE_MODE_FILE = "safemode"
 SOFT_REBOOT = b"soft reboot"
 DEFAULT_BOOT_FAILURE = r"Traceback \(most recent call last\)|[Ss]afe mode|SAFE MODE"
 
@@ -340,6 +343,28 @@ def break_in(port: str, timeout: float = 15.0, quiet_s: float = 0.5) -> None:
         raise BoardError(f"{port}: the board does not stay at its REPL; console said {output[-400:]!r}")
     finally:
         console.close()
+
+
+def enter_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
+    """Reboot the board into safe mode (maintenance file on the flash, then a hard reset) and
+    wait for its REPL.
+
+    Once the application has started the ESP8266's watchdog, nothing stops it: mpremote's Ctrl-C
+    and soft reset leave it counting, and the board resets about 5 s later, in the middle of
+    whatever was being uploaded. Writing the file takes well under that; after the hard reset
+    the firmware does not start the app (nor the watchdog), and the board's files can be read
+    and written at leisure."""
+    run_mpremote(mpremote, port, ["exec", f"open({SAFE_MODE_FILE!r}, 'w').close()", "reset"], timeout)
+    break_in(port)
+
+
+def leave_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
+    """Remove the maintenance file (the next boot starts the app)."""
+    code = (
+        f"import os\ntry:\n os.remove({SAFE_MODE_FILE!r})\nexcept OSError:\n pass\n"
+        f"print({RESULT_MARK!r} + '1')"
+    )
+    board_exec(mpremote, port, code, timeout)
 
 
 def restart_app(
