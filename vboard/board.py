@@ -208,7 +208,7 @@ class Board:
                 await task
         if self._server is not None:
             self._server.close()
-        self.gateway.cut()
+        self.gateway.close()
         await self.console.stop()
 
     async def _kill(self) -> None:

@@ -83,11 +83,14 @@ def provision(inventory: Path, boards: list[str], broker_port: int, build_dir: P
         raise DemoError(f"provisioning failed (full log: {log}):\n{tail}")
 
 
-def start_recorder(port: int, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_recorder(port: int, data_dir: Path, log: Path, mqtt5: bool) -> subprocess.Popen[bytes]:
+    # the embedded amqtt speaks MQTT 3.1.1 only
+    protocol = "5" if mqtt5 else "3.1.1"
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "recorder", "record", "--host", "127.0.0.1", "--port", str(port),
-             "--client-id", "demo-recorder", "--data-dir", str(data_dir), "--flush-s", "1"],
+             "--protocol", protocol, "--client-id", "demo-recorder", "--data-dir", str(data_dir),
+             "--flush-s", "1"],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -151,7 +154,17 @@ def summarize(data_dir: Path, plots: Path, devices: list[str]) -> None:
     show_default=True,
     help="Broker, boards, build, recorded data, logs and plots (emptied first).",
 )
-def main(duration: float, speed: float, boards: int, inventory: Path, workdir: Path) -> None:
+@click.option(
+    "--broker",
+    "broker_kind",
+    type=click.Choice(["auto", "mosquitto", "amqtt"]),
+    default="auto",
+    show_default=True,
+    help="auto: mosquitto if installed, else the embedded amqtt.",
+)
+def main(
+    duration: float, speed: float, boards: int, inventory: Path, workdir: Path, broker_kind: str
+) -> None:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -166,7 +179,13 @@ def main(duration: float, speed: float, boards: int, inventory: Path, workdir: P
                 f"port {spec.console_port} ({spec.name}'s console) is in use: is `vboard fleet` or another "
                 "demo running?"
             )
-    broker: Mosquitto | Amqtt = local_broker(workdir / "broker")
+    broker: Mosquitto | Amqtt
+    if broker_kind == "amqtt":
+        broker = Amqtt(workdir / "broker")
+    elif broker_kind == "mosquitto":
+        broker = Mosquitto(workdir / "broker")
+    else:
+        broker = local_broker(workdir / "broker")
     recorder: subprocess.Popen[bytes] | None = None
     fleet = Fleet(workdir / "boards", speed=speed, lan=lan)
     stop_requested = False
@@ -187,7 +206,9 @@ def main(duration: float, speed: float, boards: int, inventory: Path, workdir: P
                 inventory, [s.name for s in specs], broker.port, workdir / "build", logs / "provision.log"
             )
         with step("starting the recorder"):
-            recorder = start_recorder(broker.port, workdir / "data", logs / "recorder.log")
+            recorder = start_recorder(
+                broker.port, workdir / "data", logs / "recorder.log", mqtt5=isinstance(broker, Mosquitto)
+            )
         live_view(
             fleet,
             broker.port,

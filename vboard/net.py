@@ -351,6 +351,13 @@ class Gateway:
             conn.reset()
         self.conns.clear()
 
+    def close(self) -> None:
+        """The board is going away: its connections and pending timers with it."""
+        self.cut()
+        for task in [self._abort_task, *self._proxies]:
+            if task is not None and not task.done():
+                task.cancel()
+
     def cut(self) -> int:
         """Reset every live connection of this board now (a broker or router dropping it)."""
         n = 0
