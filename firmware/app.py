@@ -8,8 +8,9 @@
 #     ring once the oldest has waited buffer.flush_s seconds (so a reset loses at most that
 #     many), so a WiFi or broker outage loses nothing but grows the backlog;
 #   - while connected, the oldest pending samples go out in batches of up to buffer.batch as
-#     QoS 1 publishes, WINDOW of them in flight; each PUBACK commits its batch. A backlog is
-#     replayed many times faster than real time while live samples queue up behind it;
+#     QoS 1 publishes, WINDOW of them in flight; a batch is committed (dropped from the store)
+#     SETTLE_MS after its PUBACK. A backlog is replayed many times faster than real time while
+#     live samples queue up behind it;
 #   - network work that can block for a moment (WiFi status, NTP, MQTT connect, info, health)
 #     runs just after a sample was taken, when the next SQW edge is most of a second away.
 # WiFi: the configured networks are tried in order; once associated, the ESP8266 reconnects by
@@ -17,6 +18,10 @@
 # MQTT: clean session, client id = device name, the retained `offline` last will in CONNECT;
 # on every connect retained `online` and info, then data; retained health every health_s.
 # Reconnects back off exponentially (capped, jittered). The board subscribes to nothing.
+# Why commits wait SETTLE_MS: mosquitto sends a PUBACK before it saves the message (at best on its
+# next loop pass, with autosave_on_changes), so a broker killed or powered off in between loses
+# what it acknowledged last. A connection that breaks sends the batches acknowledged in the last
+# SETTLE_MS again; the recorder drops the duplicates by (device, boot, seq).
 # The flash button held for BUTTON_HOLD_MS pauses/resumes publishing data (sampling goes on).
 
 import gc
@@ -48,6 +53,8 @@ _BATCH_IDLE_MS = const(300)
 BUTTON_HOLD_MS = const(2000)
 # A CONNACK comes within milliseconds from a healthy broker; waiting longer only delays samples.
 CONNECT_TIMEOUT_MS = const(2000)
+SETTLE_MS = const(2000)  # acknowledged batches are kept this long (see above)
+_SETTLE_SLOTS = const(32)  # acknowledged batches kept at most (beyond: the oldest is committed)
 
 
 class App:
@@ -70,6 +77,11 @@ class App:
         self.ring = [0] * (2 * self.WINDOW)
         self.ring_head = 0
         self.ring_len = 0
+        # acknowledged FIFO positions not committed yet, oldest at settle_head: count, ticks_ms
+        self.settle_n = [0] * _SETTLE_SLOTS
+        self.settle_at = [0] * _SETTLE_SLOTS
+        self.settle_head = 0
+        self.settle_len = 0
         self.connected_once = False
         self.reconnects = 0
         self.backoff_ms = 0
@@ -106,6 +118,7 @@ class App:
             if self.up_ms >= 1000:
                 self.up_s += self.up_ms // 1000
                 self.up_ms %= 1000
+            self.settle(now)
             self.flush_due()
             self.check_button(now)
             if not sampler.enabled:
@@ -210,8 +223,7 @@ class App:
             print("labfleet: MQTT connect failed: %s" % e)
             self.backoff(now)
             return
-        self.store.rewind()
-        self.ring_len = 0
+        self.rewind()
         if self.connected_once:
             self.reconnects += 1
         self.connected_once = True
@@ -232,9 +244,14 @@ class App:
         if error is not None:
             print("labfleet: MQTT connection lost: %s" % error)
         self.client.close()
+        self.rewind()
+        self.backoff(time.ticks_ms())
+
+    def rewind(self):
+        """Everything in flight or settling is pending again: sent again on the next connection."""
         self.store.rewind()
         self.ring_len = 0
-        self.backoff(time.ticks_ms())
+        self.settle_len = 0
 
     # --- publishing --------------------------------------------------------------------------
 
@@ -257,7 +274,7 @@ class App:
             elif self.ring_len:
                 self.ring_push(-n)
             else:
-                store.commit(n)
+                self.commit_later(n)
 
     def ring_push(self, value):
         ring = self.ring
@@ -271,14 +288,30 @@ class App:
         return value
 
     def acked(self, completed):
-        store = self.store
         ring = self.ring
         for _ in range(completed):
             n = self.ring_pop()
             if n:
-                store.commit(n)
+                self.commit_later(n)
             while self.ring_len and ring[self.ring_head] < 0:
-                store.commit(-self.ring_pop())
+                self.commit_later(-self.ring_pop())
+
+    def commit_later(self, n):
+        """Commit n FIFO positions SETTLE_MS from now (after those settling before them)."""
+        if self.settle_len == _SETTLE_SLOTS:
+            self.store.commit(self.settle_n[self.settle_head])
+            self.settle_head = (self.settle_head + 1) % _SETTLE_SLOTS
+            self.settle_len -= 1
+        slot = (self.settle_head + self.settle_len) % _SETTLE_SLOTS
+        self.settle_n[slot] = n
+        self.settle_at[slot] = time.ticks_ms()
+        self.settle_len += 1
+
+    def settle(self, now):
+        while self.settle_len and time.ticks_diff(now, self.settle_at[self.settle_head]) >= SETTLE_MS:
+            self.store.commit(self.settle_n[self.settle_head])
+            self.settle_head = (self.settle_head + 1) % _SETTLE_SLOTS
+            self.settle_len -= 1
 
     # --- messages ----------------------------------------------------------------------------
 

@@ -116,11 +116,17 @@ def info(paths: tuple[Path, ...]) -> None:
         files.add_row(name, state, *(str(counts[table_name]) for table_name in layout.TABLES))
     console.print(files)
     devices = Table(title="devices")
-    for name in ("device", "samples", "span (t)", "boots", "missing seq", "duplicates"):
+    for name in ("device", "samples", "span (t)", "boots", "missing seq", "s without sample", "duplicates"):
         devices.add_column(name, justify="left" if name in ("device", "span (t)") else "right")
     for d in summary.devices:
         devices.add_row(
-            d.device, str(d.samples), _span(d.first, d.last), str(d.boots), str(d.missing), str(d.duplicates)
+            d.device,
+            str(d.samples),
+            _span(d.first, d.last),
+            str(d.boots),
+            str(d.missing),
+            str(d.unsampled_s),
+            str(d.duplicates),
         )
     console.print(devices)
     if summary.rejects:

@@ -138,6 +138,9 @@ class DeviceSummary:
     boots: int
     missing: int  # sequence numbers absent inside each boot's first..last
     duplicates: int
+    # Whole seconds in first..last with no sample: a board's reset (the samples it still held in
+    # RAM, then its reboot) or a stretch it was powered off shows up here, never silently.
+    unsampled_s: int = 0
 
 
 @dataclass
@@ -153,6 +156,7 @@ def summarize(paths: PathLike | Iterable[PathLike]) -> Summary:
     summary = Summary()
     per_boot: list[pd.DataFrame] = []
     duplicates: dict[bytes, int] = {}
+    seconds: dict[bytes, int] = {}
     rejects: dict[str, int] = {}
     for path in data_files(paths):
         with tables.open_file(str(path), "r") as h5:
@@ -169,6 +173,9 @@ def summarize(paths: PathLike | Iterable[PathLike]) -> Summary:
         unique = frame.drop_duplicates(["device", "boot", "seq"])
         for device, extra in (frame.groupby("device").size() - unique.groupby("device").size()).items():
             duplicates[device] = duplicates.get(device, 0) + int(extra)
+        distinct = unique.assign(t=np.floor(unique["t"])).drop_duplicates(["device", "t"])
+        for device, count in distinct.groupby("device").size().items():
+            seconds[device] = seconds.get(device, 0) + int(count)
         per_boot.append(
             unique.groupby(["device", "boot"]).agg(
                 first_seq=("seq", "min"),
@@ -196,6 +203,9 @@ def summarize(paths: PathLike | Iterable[PathLike]) -> Summary:
                 boots=len(rows),
                 missing=int((rows["last_seq"] - rows["first_seq"] + 1 - rows["count"]).clip(lower=0).sum()),
                 duplicates=duplicates.get(device, 0),
+                unsampled_s=max(
+                    0, int(np.floor(rows["last"].max()) - np.floor(rows["first"].min())) + 1 - seconds[device]
+                ),
             )
         )
     return summary

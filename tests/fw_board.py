@@ -123,6 +123,7 @@ class Watcher:
     messages: list[Message] = field(default_factory=list)
     samples: list[tuple[Any, ...]] = field(default_factory=list)
     sample_arrivals: list[float] = field(default_factory=list)
+    device_samples: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -156,12 +157,18 @@ class Watcher:
                 for sample in json.loads(msg.payload):
                     self.samples.append(tuple(sample))
                     self.sample_arrivals.append(now)
+                    self.device_samples.setdefault(parsed[0], []).append(tuple(sample))
 
     # --- views -----------------------------------------------------------------------------
 
     def of_kind(self, kind: str) -> list[Message]:
         with self.lock:
             return [m for m in self.messages if m.topic.endswith("/" + kind)]
+
+    def samples_of(self, device: str) -> list[tuple[Any, ...]]:
+        """One device's samples as they arrived (duplicates included)."""
+        with self.lock:
+            return list(self.device_samples.get(device, []))
 
     def json_of(self, kind: str) -> list[Any]:
         return [json.loads(m.payload) for m in self.of_kind(kind)]

@@ -249,6 +249,35 @@ def test_wifi_down_for_an_hour_then_a_broker_restart_lose_nothing(
     assert statuses[-1] == protocol.ONLINE
 
 
+@pytest.mark.speed(10)
+def test_a_broken_connection_sends_the_last_acknowledged_samples_again(
+    lab: Fleet, build: Path, mosquitto: Mosquitto, watcher: Watcher
+) -> None:
+    """mosquitto acknowledges before it saves: a broker killed in between loses its newest
+    messages. So a board whose connection breaks publishes what was acknowledged in the last
+    SETTLE_MS (2 s) again; older samples are not sent twice."""
+    board = start_board(lab, build, mosquitto)
+    watcher.wait_for(lambda w: len(w.samples) > 10, 60, "samples")
+    resent: list[int] = []
+    for _ in range(3):
+        wait_sim(lab, lab.clock.now() + 5)
+        before = len(watcher.samples)
+        cut_at = lab.clock.now()
+        assert lab.call(board.gateway.cut) >= 1
+        watcher.wait_for(lambda w: len(w.samples) > before + 6, 60, "samples after the cut")  # noqa: B023
+        seen = [s[protocol.I_SEQ] for s in watcher.samples]
+        again = sorted({q for q in seen[before:] if q in set(seen[:before])})
+        assert again, "nothing acknowledged before the cut was sent again"
+        newest_before = max(seen[:before])
+        # only the samples of the last settle window (2 s) before the cut, the newest included
+        assert again[-1] == newest_before and len(again) <= 4, (again, newest_before, cut_at)
+        resent += again
+    samples = watcher.unique_samples()
+    assert_every_second_once(samples)
+    assert [s[protocol.I_SEQ] for s in samples] == list(range(len(samples)))
+    print(f"\nsent again after 3 cuts: {resent}")
+
+
 # --- sensors -------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import tables
 
 from recorder.config import ConfigError, load
 from recorder.journal import JournalWriter, Record, encode
+from recorder.read import summarize
 from recorder.writer import Writer
 from tests.test_recorder_helpers import Board, wait_for
 from vboard.broker import Mosquitto
@@ -70,7 +71,10 @@ def test_info_lists_files_devices_gaps_and_rejects(data_dir: Path) -> None:
     assert "closed" in out and "open" in out
     (lab02,) = [line for line in out.splitlines() if "lab-02" in line]
     assert " 190 " in lab02 and " 10 " in lab02  # samples, missing sequence numbers
+    assert " 86410 " in lab02  # seconds without a sample: the night between the days, the gap
     assert "sample N: not an array of the N fields" in out
+    devices = {d.device: d for d in summarize([data_dir]).devices}
+    assert (devices["lab-01"].unsampled_s, devices["lab-02"].unsampled_s) == (86400, 86410)
 
 
 def test_export_csv_and_parquet_for_a_device_and_time_range(data_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,200 @@
+"""Reprovisioning time for 1 board vs 20 boards, and the bytes a config-only change sends.
+
+A copy of the demo inventory with 20 virtual boards (`vboard fleet`, consoles on
+socket://127.0.0.1:7301..7320) is provisioned once with `make provision` (every file travels),
+then a config-only change (`board_health_s`, which only config.json holds) is pushed with
+`make reprovision`, alternately to one board (`--limit vb-01`) and to all 20, ROUNDS times each:
+the same make target, playbook and real mpremote users run. Then one more run of all 20 with
+nothing changed (what a second run costs). The boards need no broker for this.
+
+    .venv/bin/python bench/bench_provision.py --out bench/_work/bench_provision.json [--boards 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vboard.broker import wait_for_port  # noqa: E402
+
+DEMO = REPO / "inventory" / "demo"
+VENV_BIN = REPO / ".venv" / "bin"
+FIRST_PORT = 7301
+ROUNDS = 3
+TOTALS = re.compile(r"changed=(\d+) unchanged=(\d+) failed=(\d+) not_connected=(\d+) bytes_sent=(\d+)")
+
+
+def inventory_of(boards: int, dest: Path) -> list[str]:
+    """The demo inventory with `boards` virtual boards instead of five."""
+    shutil.copytree(DEMO, dest)
+    hosts_file = dest / "hosts.yml"
+    hosts = yaml.safe_load(hosts_file.read_text())
+    template = hosts["all"]["children"]["boards"]["hosts"]["vb-01"]["vboard"]
+    names = [f"vb-{i:02d}" for i in range(1, boards + 1)]
+    hosts["all"]["children"]["boards"]["hosts"] = {
+        name: {"vboard": {**template, "console_port": FIRST_PORT + i, "seed": i + 1}}
+        for i, name in enumerate(names)
+    }
+    hosts_file.write_text(yaml.safe_dump(hosts, sort_keys=False))
+    return names
+
+
+def make(
+    target: str, root: Path, inventory: Path, extra: dict[str, Any], *playbook_args: str
+) -> tuple[float, str]:
+    extra_file = root / f"extra-{time.monotonic_ns()}.json"
+    extra_file.write_text(json.dumps(extra))
+    command = [
+        "make",
+        "--no-print-directory",
+        "-C",
+        str(REPO),
+        target,
+        f"INVENTORY={inventory}",
+        f"BUILD_DIR={root / 'build'}",
+        f"VAULT_PASSWORD_FILE={DEMO / 'demo-vault-password.txt'}",
+        "PLAYBOOK_ARGS=" + " ".join([f"-e @{extra_file}", *playbook_args]),
+    ]
+    start = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    elapsed = time.monotonic() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+    return elapsed, result.stdout
+
+
+def totals(output: str) -> dict[str, int]:
+    found = TOTALS.findall(output)
+    if not found:
+        raise RuntimeError(f"no totals line in:\n{output[-2000:]}")
+    changed, unchanged, failed, not_connected, sent = (int(v) for v in found[-1])
+    return {
+        "changed": changed,
+        "unchanged": unchanged,
+        "failed": failed,
+        "not_connected": not_connected,
+        "bytes_sent": sent,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    parser.add_argument("--boards", type=int, default=20, help="boards of the large run (default 20)")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-provision-"))
+    inventory = root / "inventory"
+    names = inventory_of(args.boards, inventory)
+    log = (root / "fleet.log").open("wb")
+    fleet = subprocess.Popen(
+        [str(VENV_BIN / "vboard"), "fleet", str(inventory), "--workdir", str(root / "fleet")],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        env=dict(os.environ, VAULT_PASSWORD_FILE=str(DEMO / "demo-vault-password.txt")),
+    )
+    try:
+        for i in range(len(names)):
+            wait_for_port(FIRST_PORT + i, 180)
+        time.sleep(1.0)
+        first_s, out = make("provision", root, inventory, {})
+        first = totals(out)
+        print(f"first provision of {len(names)} boards: {first_s:.1f} s, {first}", flush=True)
+        one: list[float] = []
+        many: list[float] = []
+        one_totals: list[dict[str, int]] = []
+        many_totals: list[dict[str, int]] = []
+        health = 40
+        for _ in range(ROUNDS):
+            health += 1
+            seconds, out = make(
+                "reprovision", root, inventory, {"board_health_s": health}, "--limit", names[0]
+            )
+            one.append(seconds)
+            one_totals.append(totals(out))
+            health += 1
+            seconds, out = make("reprovision", root, inventory, {"board_health_s": health})
+            many.append(seconds)
+            many_totals.append(totals(out))
+            print(f"1 board {one[-1]:.1f} s {one_totals[-1]}", flush=True)
+            print(f"{len(names)} boards {many[-1]:.1f} s {many_totals[-1]}", flush=True)
+        idle_s, out = make("reprovision", root, inventory, {"board_health_s": health})
+        idle = totals(out)
+        print(f"second run, nothing changed: {idle_s:.1f} s {idle}")
+    finally:
+        os.killpg(fleet.pid, signal.SIGTERM)
+        try:
+            fleet.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(fleet.pid, signal.SIGKILL)
+        log.close()
+    for run in [*one_totals, *many_totals]:
+        if run["failed"] or run["not_connected"]:
+            raise SystemExit(f"a board failed: {run}")
+    if any(r["changed"] != 1 for r in one_totals) or any(r["changed"] != len(names) for r in many_totals):
+        raise SystemExit(f"unexpected changes: {one_totals} {many_totals}")
+    ratio = statistics.median(many) / statistics.median(one)
+    per_board = statistics.median(r["bytes_sent"] / r["changed"] for r in many_totals)
+    first_per_board = first["bytes_sent"] / len(names)
+    shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "benchmark": "provision",
+        "boards": len(names),
+        "rounds": ROUNDS,
+        "first_provision_s": round(first_s, 1),
+        "first_provision": first,
+        "reprovision_1_board_s": [round(s, 1) for s in one],
+        f"reprovision_{len(names)}_boards_s": [round(s, 1) for s in many],
+        "second_run_nothing_changed_s": round(idle_s, 1),
+        "second_run": idle,
+        "summary": [
+            {
+                "figure": f"reprovision, config-only change: {len(names)} boards vs 1 (median of {ROUNDS})",
+                "value": round(ratio, 2),
+                "unit": f"x ({statistics.median(many):.1f} s vs {statistics.median(one):.1f} s)",
+                "goal": "<= 2x",
+                "met": ratio <= 2,
+            },
+            {
+                "figure": "bytes sent per board on a config-only change",
+                "value": round(per_board),
+                "unit": "B (config.json + manifest.json)",
+            },
+            {
+                "figure": "bytes sent per board on the first provision",
+                "value": round(first_per_board),
+                "unit": "B",
+            },
+            {
+                "figure": f"second run, nothing changed ({len(names)} boards)",
+                "value": round(idle_s, 1),
+                "unit": f"s, {idle['bytes_sent']} B sent, changed={idle['changed']}",
+            },
+        ],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
