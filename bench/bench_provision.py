@@ -41,14 +41,18 @@ TOTALS = re.compile(r"changed=(\d+) unchanged=(\d+) failed=(\d+) not_connected=(
 
 
 def inventory_of(boards: int, dest: Path) -> list[str]:
-    """The demo inventory with `boards` virtual boards instead of five."""
+    """The demo inventory with `boards` virtual boards instead of five (the boards beyond the
+    vault's five get a throwaway MQTT password in this scratch copy: nothing here reaches git)."""
     shutil.copytree(DEMO, dest)
     hosts_file = dest / "hosts.yml"
     hosts = yaml.safe_load(hosts_file.read_text())
     template = hosts["all"]["children"]["boards"]["hosts"]["vb-01"]["vboard"]
     names = [f"vb-{i:02d}" for i in range(1, boards + 1)]
     hosts["all"]["children"]["boards"]["hosts"] = {
-        name: {"vboard": {**template, "console_port": FIRST_PORT + i, "seed": i + 1}}
+        name: {
+            "vboard": {**template, "console_port": FIRST_PORT + i, "seed": i + 1},
+            **({} if i < 5 else {"board_mqtt_password": f"bench-{name}"}),
+        }
         for i, name in enumerate(names)
     }
     hosts_file.write_text(yaml.safe_dump(hosts, sort_keys=False))

@@ -1,4 +1,4 @@
-"""Recorder benchmark: durable ingest rate, fleet load, publish-to-disk latency. A report, not a test.
+"""Recorder benchmark: durable ingest rate against a bare subscriber and the 2017 way. A report, not a test.
 
 One mosquitto on 127.0.0.1, in one run:
 
@@ -9,9 +9,7 @@ One mosquitto on 127.0.0.1, in one run:
      rates from the recorder's stats lines, steady = between 10 % and 90 % of the backlog;
    and once the 2017 recorder's way: per message json.loads + a one-row DataFrame +
    HDFStore.append, flush every 600 rows (first SEED_MESSAGES messages).
-2. Fleet. BOARDS boards at 1 Hz (one sample per message, t = publish time) from publisher
-   processes for SECONDS s while the recorder runs: its CPU (service + writer, % of one core),
-   exactly-once check, and per-sample latency from publish to the HDF5 flush+fsync holding it.
+Fleet load (thousands of boards at 1 Hz: CPU, memory, latency) is bench/bench_fleet.py.
 
     .venv/bin/python bench/bench_recorder.py --out bench/_work/bench_recorder.json [--quick]
 
@@ -91,32 +89,6 @@ def publish_backlog(port: int, count: int, part: int, boot: int) -> None:
             info.wait_for_publish(120)
     client.loop_stop()
     client.disconnect()
-
-
-def publish_fleet(port: int, first: int, boards: int, seconds: float) -> None:
-    """`boards` boards at 1 Hz, spread evenly over each second; prints how many were sent."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-fleet-{first}")
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    topics = [protocol.topic("labfleet", f"b{first + i:05d}", "data") for i in range(boards)]
-    start = time.time()
-    sent = []
-    second = 0
-    while time.time() - start < seconds:
-        for i, topic in enumerate(topics):
-            due = start + second + i / boards
-            delay = due - time.time()
-            if delay > 0.002:
-                time.sleep(delay)
-            sent.append(client.publish(topic, payload(second, time.time()), qos=1))
-        second += 1
-    for info in sent:
-        info.wait_for_publish(120)
-    client.loop_stop()
-    client.disconnect()
-    print(json.dumps({"sent": len(sent), "seconds": second}))
 
 
 # --- measurements -------------------------------------------------------------------------------
@@ -324,77 +296,6 @@ def _connect_times(log: str) -> list[float]:
     return times
 
 
-def fleet(port: int, workdir: Path, boards: int, seconds: float) -> dict[str, Any]:
-    import tables
-
-    recorder = Recorder(workdir, port, "bench-fleet")
-    recorder.start()
-    processes = 2 if boards >= 1000 else 1
-    per = boards // processes
-    publishers = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--publish-fleet", str(port), str(i * per), str(per), str(seconds)],
-            stdout=subprocess.PIPE,
-            cwd=REPO,
-        )
-        for i in range(processes)
-    ]
-    try:
-        warmup = min(3.0, seconds / 4)
-        time.sleep(warmup)
-        ticks0, wall0 = recorder.cpu_ticks(), time.monotonic()
-        time.sleep(seconds - 2 * warmup)
-        ticks1, wall1 = recorder.cpu_ticks(), time.monotonic()
-        sent, seconds_run = 0, 0
-        for proc in publishers:
-            out, _ = proc.communicate(timeout=600)
-            report = json.loads(out.decode().strip().splitlines()[-1])
-            sent += report["sent"]
-            seconds_run = max(seconds_run, report["seconds"])
-        recorder.wait(lambda: recorder.hdf5_rows() >= sent, 300)
-    finally:
-        for proc in publishers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        recorder.stop()
-    flushes = [s for s in read_stats(recorder.stats) if s["kind"] == "hdf5"]
-    flush_at = np.array([s["at"] for s in flushes])
-    flush_max_rx = np.maximum.accumulate(np.array([s["max_rx"] for s in flushes]))
-    t, rx, ids = [], [], []
-    for path in sorted(recorder.data.glob("*.h5")):
-        with tables.open_file(str(path)) as h5:
-            rows = h5.root.samples.read()
-            t.append(rows["t"])
-            rx.append(rows["rx"])
-            ids.append(rows[["device", "seq"]])
-    t_all, rx_all = np.concatenate(t), np.concatenate(rx)
-    durable_at = flush_at[np.searchsorted(flush_max_rx, rx_all, side="left")]
-    latency = durable_at - t_all
-    unique = len(np.unique(np.concatenate(ids)))
-    cpu = (ticks1 - ticks0) / CLK_TCK / (wall1 - wall0)
-    return {
-        "boards": boards,
-        "seconds": seconds,
-        "sent": sent,
-        "recorded": len(t_all),
-        "unique": int(unique),
-        "offered_rate": sent / max(1, seconds_run),
-        "recorder_cpu_percent_of_one_core": 100 * cpu,
-        "latency_publish_to_hdf5_fsync_s": {
-            "p50": float(np.percentile(latency, 50)),
-            "p99": float(np.percentile(latency, 99)),
-            "max": float(latency.max()),
-        },
-        "latency_publish_to_receive_s_p99": float(np.percentile(rx_all - t_all, 99)),
-        # The recorder's own part: from receiving a sample to the HDF5 fsync that holds it.
-        "latency_receive_to_hdf5_fsync_s": {
-            "p50": float(np.percentile(durable_at - rx_all, 50)),
-            "p99": float(np.percentile(durable_at - rx_all, 99)),
-        },
-    }
-
-
 def preload(port: int, messages: int, boot: int) -> None:
     """The backlog: `messages` one-sample messages, from two publisher processes."""
     halves = (messages // 2, messages - messages // 2)
@@ -410,10 +311,8 @@ def preload(port: int, messages: int, boot: int) -> None:
 
 def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The goal figures, as bench/run.py puts them in bench/REPORT.md."""
-    d, f = result["drain"], result["fleet"]
+    d = result["drain"]
     ratio = 100 * d["recorder"]["rate_hdf5_sustained"] / d["bare"]["rate_sustained"]
-    cpu = f["recorder_cpu_percent_of_one_core"]
-    p99 = f["latency_publish_to_hdf5_fsync_s"]["p99"]
     return [
         {
             "figure": "durable HDF5 ingest vs bare paho subscriber",
@@ -434,20 +333,6 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
         },
         {"figure": "2017-style per-message pandas append", "value": d["seed"]["rate"], "unit": "msg/s"},
         {
-            "figure": f"recorder CPU, {f['boards']:,} boards at 1 Hz",
-            "value": cpu,
-            "unit": "% of one core",
-            "goal": "< 50 %",
-            "met": cpu < 50,
-        },
-        {
-            "figure": "publish -> HDF5 fsync latency p99",
-            "value": p99,
-            "unit": "s",
-            "goal": "< 2 s",
-            "met": p99 < 2,
-        },
-        {
             "figure": "load average (1 min) at start / end",
             "value": f"{result['load_average_1min']['start']:.1f} / {result['load_average_1min']['end']:.1f}",
         },
@@ -455,9 +340,8 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    d, f = result["drain"], result["fleet"]
+    d = result["drain"]
     bare, rec, seed = d["bare"], d["recorder"], d["seed"]
-    lat = f["latency_publish_to_hdf5_fsync_s"]
     ratio = rec["rate_hdf5_sustained"] / bare["rate_sustained"]
 
     def row(name: str, total: float, steady: float | None) -> str:
@@ -497,14 +381,6 @@ def markdown(result: dict[str, Any]) -> str:
         + f"). Goal ≥ 80 % of the bare subscriber, durable in HDF5: {'met' if ratio >= 0.8 else 'NOT met'} "
         f"({100 * ratio:.0f} %). The recorder's best round took {rec['journal_fsyncs']:,} journal fsyncs.",
         "",
-        f"**Fleet**: {f['boards']:,} boards at 1 Hz for {f['seconds']:.0f} s, default settings "
-        f"(offered {f['offered_rate']:,.0f} msg/s): recorded {f['recorded']:,} of {f['sent']:,} "
-        f"({f['unique']:,} unique); recorder CPU (service + writer) "
-        f"{f['recorder_cpu_percent_of_one_core']:.0f} % of one core (goal < 50 %); "
-        f"publish → HDF5 flush + fsync latency p50 {lat['p50']:.2f} s, p99 {lat['p99']:.2f} s, "
-        f"max {lat['max']:.2f} s (goal p99 < 2 s); of which publish → received by the recorder p99 "
-        f"{f['latency_publish_to_receive_s_p99']:.2f} s, received → HDF5 fsync p99 "
-        f"{f['latency_receive_to_hdf5_fsync_s']['p99']:.2f} s.",
         "",
     ]
     return "\n".join(lines)
@@ -517,22 +393,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "_work" / "bench_recorder.json")
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--boards", type=int, default=5000)
-    parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--quick", action="store_true", help="small numbers, for a smoke run")
     parser.add_argument("--workdir", type=Path, help="keep broker, logs and data here (default: a temp dir)")
     parser.add_argument("--publish-backlog", nargs=4, type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--publish-fleet", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.publish_backlog:
         publish_backlog(*args.publish_backlog)
         return
-    if args.publish_fleet:
-        port, first, boards, seconds = args.publish_fleet
-        publish_fleet(int(port), int(first), int(boards), float(seconds))
-        return
     if args.quick:
-        args.messages, args.boards, args.seconds, args.rounds = 20_000, 300, 8, 1
+        args.messages, args.rounds = 20_000, 1
 
     load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-recorder-") as tmp:
@@ -579,7 +448,6 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
                 "drain": drain,
-                "fleet": fleet(broker.port, workdir, args.boards, args.seconds),
                 # Other work on a shared machine moves every number here: this says how much.
                 "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
             }

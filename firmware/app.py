@@ -9,8 +9,8 @@
 #     many), so a WiFi or broker outage loses nothing but grows the backlog;
 #   - while connected, the oldest pending samples go out in batches of up to buffer.batch as
 #     QoS 1 publishes, WINDOW of them in flight; a batch is committed (dropped from the store)
-#     SETTLE_MS after its PUBACK. A backlog is replayed many times faster than real time while
-#     live samples queue up behind it;
+#     buffer.resend_s after its PUBACK. A backlog is replayed many times faster than real time
+#     while live samples queue up behind it;
 #   - network work that can block for a moment (WiFi status, NTP, MQTT connect, info, health)
 #     runs just after a sample was taken, when the next SQW edge is most of a second away.
 # WiFi: the configured networks are tried in order; once associated, the ESP8266 reconnects by
@@ -18,10 +18,12 @@
 # MQTT: clean session, client id = device name, the retained `offline` last will in CONNECT;
 # on every connect retained `online` and info, then data; retained health every health_s.
 # Reconnects back off exponentially (capped, jittered). The board subscribes to nothing.
-# Why commits wait SETTLE_MS: mosquitto sends a PUBACK before it saves the message (at best on its
-# next loop pass, with autosave_on_changes), so a broker killed or powered off in between loses
-# what it acknowledged last. A connection that breaks sends the batches acknowledged in the last
-# SETTLE_MS again; the recorder drops the duplicates by (device, boot, seq).
+# Why commits wait buffer.resend_s: mosquitto sends a PUBACK before it saves the message (every
+# autosave_interval seconds, or on its next loop pass with autosave_on_changes), so a broker
+# killed or powered off in between loses what it acknowledged last. A connection that breaks
+# sends the batches acknowledged in the last resend_s again; the recorder drops the duplicates
+# by (device, boot, seq). Acknowledged samples are never flushed to flash (no wear for them):
+# when a flush is due they are committed first.
 # The flash button held for BUTTON_HOLD_MS pauses/resumes publishing data (sampling goes on).
 
 import gc
@@ -53,7 +55,6 @@ _BATCH_IDLE_MS = const(300)
 BUTTON_HOLD_MS = const(2000)
 # A CONNACK comes within milliseconds from a healthy broker; waiting longer only delays samples.
 CONNECT_TIMEOUT_MS = const(2000)
-SETTLE_MS = const(2000)  # acknowledged batches are kept this long (see above)
 _SETTLE_SLOTS = const(32)  # acknowledged batches kept at most (beyond: the oldest is committed)
 
 
@@ -145,6 +146,11 @@ class App:
         store = self.store
         oldest = store.ram_oldest_seq()
         if oldest >= 0 and self.sampler.seq - oldest >= self.flush_s:
+            if self.settle_len:  # acknowledged ones need no flash: commit them, then look again
+                self.settle(time.ticks_add(time.ticks_ms(), self.resend_ms))
+                oldest = store.ram_oldest_seq()
+                if oldest < 0 or self.sampler.seq - oldest < self.flush_s:
+                    return
             store.flush()
 
     def check_button(self, now):
@@ -297,7 +303,7 @@ class App:
                 self.commit_later(-self.ring_pop())
 
     def commit_later(self, n):
-        """Commit n FIFO positions SETTLE_MS from now (after those settling before them)."""
+        """Commit n FIFO positions resend_s from now (after those settling before them)."""
         if self.settle_len == _SETTLE_SLOTS:
             self.store.commit(self.settle_n[self.settle_head])
             self.settle_head = (self.settle_head + 1) % _SETTLE_SLOTS
@@ -308,7 +314,7 @@ class App:
         self.settle_len += 1
 
     def settle(self, now):
-        while self.settle_len and time.ticks_diff(now, self.settle_at[self.settle_head]) >= SETTLE_MS:
+        while self.settle_len and time.ticks_diff(now, self.settle_at[self.settle_head]) >= self.resend_ms:
             self.store.commit(self.settle_n[self.settle_head])
             self.settle_head = (self.settle_head + 1) % _SETTLE_SLOTS
             self.settle_len -= 1

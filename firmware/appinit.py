@@ -131,6 +131,7 @@ def setup(app, cfg, config_file, reset):
     app.flash_samples = flash_capacity(buffer["flash_samples"])
     app.flush_s = buffer["flush_s"]
     app.batch = buffer["batch"]
+    app.resend_ms = buffer["resend_s"] * 1000
     app.health_s = cfg["health_s"]
     app.resync_s = cfg["resync_s"]
     app.ntp_host = cfg["ntp_host"]

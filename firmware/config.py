@@ -21,7 +21,10 @@
 #   "buffer": {"ram_samples": 120,      # RAM queue in front of the flash spill file
 #              "flash_samples": 21600,  # flash ring capacity (6 h at 1 Hz by default)
 #              "flush_s": 10,           # longest a sample stays in RAM only (the reset-loss bound)
-#              "batch": 60},            # most samples in one MQTT publish
+#              "batch": 60,             # most samples in one MQTT publish
+#              "resend_s": 8},          # acknowledged samples are kept this long and sent again
+#                                       # if the connection breaks: more than the broker's
+#                                       # autosave_interval (mosquitto acknowledges, then saves)
 #   "health_s": 60,                     # health message period
 #   "resync_s": 86400                   # NTP resync period
 # }
@@ -63,7 +66,7 @@ DEFAULTS = {  # type: dict[str, Any]
     "topic_prefix": "labfleet",
     "sensors": {"thermocouple": "MAX6675", "ambient": "SHT30", "sht30_address": 0x44},
     "pins": DEFAULT_PINS,
-    "buffer": {"ram_samples": 120, "flash_samples": 21600, "flush_s": 10, "batch": 60},
+    "buffer": {"ram_samples": 120, "flash_samples": 21600, "flush_s": 10, "batch": 60, "resend_s": 8},
     "health_s": 60,
     "resync_s": 86400,
 }
@@ -190,6 +193,10 @@ def _check_buffer(errors: "list[str]", buf: "dict[str, Any]") -> None:
     _check_int(errors, "buffer.flash_samples", buf.get("flash_samples"), 0, 10000000)
     _check_int(errors, "buffer.flush_s", buf.get("flush_s"), 1, 3600)
     _check_int(errors, "buffer.batch", buf.get("batch"), 1, 500)
+    _check_int(errors, "buffer.resend_s", buf.get("resend_s"), 0, 3600)
+    if _is_int(buf.get("resend_s")) and _is_int(buf.get("flush_s")) and buf["resend_s"] >= buf["flush_s"]:
+        # an acknowledged sample waits in RAM, and RAM is flushed to flash after flush_s
+        errors.append("buffer.resend_s must be less than buffer.flush_s")
     if (
         _is_int(buf.get("flush_s"))
         and _is_int(buf.get("ram_samples"))

@@ -255,8 +255,10 @@ def test_a_broken_connection_sends_the_last_acknowledged_samples_again(
 ) -> None:
     """mosquitto acknowledges before it saves: a broker killed in between loses its newest
     messages. So a board whose connection breaks publishes what was acknowledged in the last
-    SETTLE_MS (2 s) again; older samples are not sent twice."""
-    board = start_board(lab, build, mosquitto)
+    buffer.resend_s again; older samples are not sent twice."""
+    resend_s = 3
+    cfg = board_config("lab-01", mosquitto.port, SSID, PASSWORD, buffer={"resend_s": resend_s})
+    board = start_board(lab, build, mosquitto, cfg=cfg)
     watcher.wait_for(lambda w: len(w.samples) > 10, 60, "samples")
     resent: list[int] = []
     for _ in range(3):
@@ -269,8 +271,8 @@ def test_a_broken_connection_sends_the_last_acknowledged_samples_again(
         again = sorted({q for q in seen[before:] if q in set(seen[:before])})
         assert again, "nothing acknowledged before the cut was sent again"
         newest_before = max(seen[:before])
-        # only the samples of the last settle window (2 s) before the cut, the newest included
-        assert again[-1] == newest_before and len(again) <= 4, (again, newest_before, cut_at)
+        # only the samples of the last resend_s before the cut (and one in flight), the newest too
+        assert again[-1] == newest_before and len(again) <= resend_s + 2, (again, newest_before, cut_at)
         resent += again
     samples = watcher.unique_samples()
     assert_every_second_once(samples)

@@ -41,6 +41,8 @@ def test_minimal_config_is_valid_and_gets_seed_defaults() -> None:
         ({"pins": {"spi_cs": 14}}, "HSPI SCK"),
         ({"pins": {"sqw": 7}}, "usable GPIO"),
         ({"buffer": {"flush_s": 500, "ram_samples": 100}}, "flush_s must not exceed"),
+        ({"buffer": {"flush_s": 10, "resend_s": 10}}, "resend_s must be less than buffer.flush_s"),
+        ({"buffer": {"resend_s": -1}}, "buffer.resend_s"),
         ({"topic_prefix": "lab/#"}, "topic_prefix"),
         ({"wlan": []}, "unknown key 'wlan'"),
         ({"pins": {"sda": 4}}, "unknown key pins.sda"),

@@ -172,7 +172,7 @@ def test_deployed_broker_config(deployed: dict[str, Any]) -> None:
     for expected in (
         "allow_anonymous false",
         "persistence true",
-        "autosave_interval 10",
+        "autosave_interval 5",
         f"listener {deployed['port']} 127.0.0.1",
         f"listener {deployed['tls_port']} 127.0.0.1",
         # 2 boards x 1.1 msg/s x 3600 s x 1.5: the recorder may be away an hour and lose nothing.
