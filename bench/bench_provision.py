@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -59,6 +60,31 @@ def inventory_of(boards: int, dest: Path) -> list[str]:
     return names
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds used so far by the processes of a process group (the virtual boards'), with
+    their waited-for children."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+CPU: dict[str, float] = {}  # CPU seconds of the last make() run: make's tree, and the boards'
+FLEET_PGID = 0
+
+
 def make(
     target: str, root: Path, inventory: Path, extra: dict[str, Any], *playbook_args: str
 ) -> tuple[float, str]:
@@ -75,9 +101,11 @@ def make(
         f"VAULT_PASSWORD_FILE={DEMO / 'demo-vault-password.txt'}",
         "PLAYBOOK_ARGS=" + " ".join([f"-e @{extra_file}", *playbook_args]),
     ]
-    start = time.monotonic()
+    start, cpu, boards_cpu = time.monotonic(), children_cpu_s(), group_cpu_s(FLEET_PGID)
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     elapsed = time.monotonic() - start
+    CPU["controller"] = children_cpu_s() - cpu
+    CPU["boards"] = group_cpu_s(FLEET_PGID) - boards_cpu
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
     return elapsed, result.stdout
@@ -116,6 +144,8 @@ def main() -> None:
         start_new_session=True,
         env=dict(os.environ, VAULT_PASSWORD_FILE=str(DEMO / "demo-vault-password.txt")),
     )
+    global FLEET_PGID
+    FLEET_PGID = fleet.pid
     try:
         for i in range(len(names)):
             wait_for_port(FIRST_PORT + i, 180)
@@ -127,6 +157,8 @@ def main() -> None:
         many: list[float] = []
         one_totals: list[dict[str, int]] = []
         many_totals: list[dict[str, int]] = []
+        one_cpu: list[dict[str, float]] = []
+        many_cpu: list[dict[str, float]] = []
         health = 40
         for _ in range(ROUNDS):
             health += 1
@@ -135,12 +167,14 @@ def main() -> None:
             )
             one.append(seconds)
             one_totals.append(totals(out))
+            one_cpu.append(dict(CPU))
             health += 1
             seconds, out = make("reprovision", root, inventory, {"board_health_s": health})
             many.append(seconds)
             many_totals.append(totals(out))
-            print(f"1 board {one[-1]:.1f} s {one_totals[-1]}", flush=True)
-            print(f"{len(names)} boards {many[-1]:.1f} s {many_totals[-1]}", flush=True)
+            many_cpu.append(dict(CPU))
+            print(f"1 board {one[-1]:.1f} s {one_totals[-1]} CPU {one_cpu[-1]}", flush=True)
+            print(f"{len(names)} boards {many[-1]:.1f} s {many_totals[-1]} CPU {many_cpu[-1]}", flush=True)
         idle_s, out = make("reprovision", root, inventory, {"board_health_s": health})
         idle = totals(out)
         print(f"second run, nothing changed: {idle_s:.1f} s {idle}")
@@ -159,6 +193,10 @@ def main() -> None:
     ratio = statistics.median(many) / statistics.median(one)
     per_board = statistics.median(r["bytes_sent"] / r["changed"] for r in many_totals)
     first_per_board = first["bytes_sent"] / len(names)
+    many_cpu_controller = statistics.median(c["controller"] for c in many_cpu)
+    many_cpu_boards = statistics.median(c["boards"] for c in many_cpu)
+    one_cpu_controller = statistics.median(c["controller"] for c in one_cpu)
+    one_cpu_boards = statistics.median(c["boards"] for c in one_cpu)
     shutil.rmtree(root, ignore_errors=True)
     result = {
         "benchmark": "provision",
@@ -168,6 +206,9 @@ def main() -> None:
         "first_provision": first,
         "reprovision_1_board_s": [round(s, 1) for s in one],
         f"reprovision_{len(names)}_boards_s": [round(s, 1) for s in many],
+        "cpu_s_1_board": one_cpu,
+        f"cpu_s_{len(names)}_boards": many_cpu,
+        "cpus": os.cpu_count(),
         "second_run_nothing_changed_s": round(idle_s, 1),
         "second_run": idle,
         "summary": [
@@ -177,6 +218,12 @@ def main() -> None:
                 "unit": f"x ({statistics.median(many):.1f} s vs {statistics.median(one):.1f} s)",
                 "goal": "<= 2x",
                 "met": ratio <= 2,
+            },
+            {
+                "figure": f"CPU of a {len(names)}-board reprovision (median): Ansible + mpremote / boards",
+                "value": f"{many_cpu_controller:.0f} / {many_cpu_boards:.0f}",
+                "unit": f"CPU-s on {os.cpu_count()} CPUs "
+                f"(1 board: {one_cpu_controller:.0f} / {one_cpu_boards:.0f})",
             },
             {
                 "figure": "bytes sent per board on a config-only change",

@@ -83,6 +83,7 @@ class App:
         self.settle_at = [0] * _SETTLE_SLOTS
         self.settle_head = 0
         self.settle_len = 0
+        self.settling = 0  # their total
         self.connected_once = False
         self.reconnects = 0
         self.backoff_ms = 0
@@ -258,6 +259,7 @@ class App:
         self.store.rewind()
         self.ring_len = 0
         self.settle_len = 0
+        self.settling = 0
 
     # --- publishing --------------------------------------------------------------------------
 
@@ -305,19 +307,23 @@ class App:
     def commit_later(self, n):
         """Commit n FIFO positions resend_s from now (after those settling before them)."""
         if self.settle_len == _SETTLE_SLOTS:
-            self.store.commit(self.settle_n[self.settle_head])
-            self.settle_head = (self.settle_head + 1) % _SETTLE_SLOTS
-            self.settle_len -= 1
+            self.commit_oldest()
         slot = (self.settle_head + self.settle_len) % _SETTLE_SLOTS
         self.settle_n[slot] = n
         self.settle_at[slot] = time.ticks_ms()
         self.settle_len += 1
+        self.settling += n
 
     def settle(self, now):
         while self.settle_len and time.ticks_diff(now, self.settle_at[self.settle_head]) >= self.resend_ms:
-            self.store.commit(self.settle_n[self.settle_head])
-            self.settle_head = (self.settle_head + 1) % _SETTLE_SLOTS
-            self.settle_len -= 1
+            self.commit_oldest()
+
+    def commit_oldest(self):
+        n = self.settle_n[self.settle_head]
+        self.store.commit(n)
+        self.settling -= n
+        self.settle_head = (self.settle_head + 1) % _SETTLE_SLOTS
+        self.settle_len -= 1
 
     # --- messages ----------------------------------------------------------------------------
 
@@ -356,7 +362,7 @@ class App:
                 "up": self.up_s,
                 "rssi": rssi,
                 "heap": gc.mem_free(),
-                "backlog": store.depth(),
+                "backlog": max(0, store.depth() - self.settling),  # acknowledged: not backlog
                 "dropped": store.dropped + store.overruns,
                 "reconnects": self.reconnects,
                 "seq": self.sampler.seq - 1,

@@ -509,3 +509,49 @@ def test_a_board_is_found_by_its_mac(lab: dict[str, Any], monkeypatch: pytest.Mo
     assert found == "socket://127.0.0.1:7103"
     remembered = json.loads((lab["root"] / "mac-ports.json").read_text())
     assert remembered[mac] == found  # the next lookup asks this port first
+
+
+@needs_vboard
+def test_the_real_esptool_flashes_a_board_whose_release_differs_and_then_leaves_it(
+    lab: dict[str, Any],
+) -> None:
+    """`make flash` with another MicroPython release configured: the real esptool erases vb-04
+    and writes the image through the virtual board's ROM loader, the board boots that release
+    with an empty filesystem, every file is uploaded again and the board publishes; a second
+    run leaves the flash alone. (Last in this module: vb-04 runs 1.28.0 afterwards.)"""
+    from vboard.esprom import build_firmware_image
+
+    image = lab["root"] / "micropython-1.28.0.bin"
+    image.write_bytes(build_firmware_image("1.28.0", "2026-11-01", size=0x40000))
+    extra = {
+        "board_flash_micropython_version": "1.28.0",
+        "micropython_firmware": str(image),
+        "micropython_firmware_sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
+    }
+    first = make("flash", lab, "DEVICE=vb-04", extra=extra)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    row = summary_rows(first.stdout)["vb-04"]
+    assert row[1] == "changed" and row[4] == "yes", row
+    # What esptool wrote is on the board's flash: the image, with the header's flash mode (dio,
+    # NodeMCU) and detected size (4 MB) as esptool set them
+    flash = (lab["root"] / "fleet-main" / "vb-04" / "flash.bin").read_bytes()
+    written = image.read_bytes()
+    assert flash[:2] == written[:2] and flash[4 : len(written)] == written[4:]
+    assert flash[2] == 0x02 and flash[3] >> 4 == 0x4, flash[:4].hex()
+    port = "socket://127.0.0.1:7104"
+    release = board_utils.board_exec(
+        str(VENV_BIN / "mpremote"), port, "import os; print(repr(os.uname().release))"
+    )
+    assert release == "1.28.0"
+    # the erase took the files with it: all of them were uploaded again, and they are right
+    build = lab["build"] / "vb-04"
+    manifest = json.loads((build / "manifest.json").read_text())
+    names = sorted(manifest["files"])
+    assert int(row[2]) == len(names) + 1  # and the manifest
+    on_board = read_board_files(port, names, lab["root"] / "flashed")
+    assert all(on_board[name] == (build / name).read_bytes() for name in names)
+
+    second = make("flash", lab, "DEVICE=vb-04", extra=extra)
+    assert second.returncode == 0, second.stdout[-4000:]
+    row = summary_rows(second.stdout)["vb-04"]
+    assert row[1] == "unchanged" and row[4] == "no", row
