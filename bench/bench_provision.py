@@ -18,7 +18,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vboard.broker import wait_for_port  # noqa: E402
+from vboard.procs import stop_process  # noqa: E402
 
 DEMO = REPO / "inventory" / "demo"
 VENV_BIN = REPO / ".venv" / "bin"
@@ -179,11 +179,7 @@ def main() -> None:
         idle = totals(out)
         print(f"second run, nothing changed: {idle_s:.1f} s {idle}")
     finally:
-        os.killpg(fleet.pid, signal.SIGTERM)
-        try:
-            fleet.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(fleet.pid, signal.SIGKILL)
+        stop_process(fleet, 60, group=True)
         log.close()
     for run in [*one_totals, *many_totals]:
         if run["failed"] or run["not_connected"]:

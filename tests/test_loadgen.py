@@ -29,6 +29,10 @@ def loadgen(port: int, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def recorded(data_dir: Path) -> int:
+    return sum(d.samples for d in summarize(data_dir).devices)
+
+
 def test_simulated_boards_publish_what_the_firmware_publishes(tmp_path: Path, mosquitto: Mosquitto) -> None:
     recorder = RecorderProcess(tmp_path, mosquitto.port).start()
     watcher = Watcher(mosquitto.port, client_id="loadgen-watcher").start()
@@ -45,8 +49,7 @@ def test_simulated_boards_publish_what_the_firmware_publishes(tmp_path: Path, mo
             "acked": 120,
             "seconds": 4,
         }
-        recorded = lambda: sum(d.samples for d in summarize(recorder.data_dir).devices)  # noqa: E731
-        wait_for(lambda: recorded() >= 120, 30, "120 samples")
+        wait_for(lambda: recorded(recorder.data_dir) >= 120, 30, "120 samples")
     finally:
         watcher.stop()
         recorder.stop()

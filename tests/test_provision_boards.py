@@ -14,7 +14,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from tests.test_provision_support import (
     vboard_command,
 )
 from vboard.broker import Mosquitto, find_mosquitto, free_port, wait_for_port
+from vboard.procs import stop_process
 
 load_role_module("board_files", "labfleet_board_files")
 board_utils = sys.modules["ansible.module_utils.labfleet_board"]  # registered by the load above
@@ -158,13 +158,7 @@ class VirtualFleet:
         time.sleep(0.5)  # the probe connections above hang up before mpremote connects
 
     def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(self.procs.pop(name), 30, group=True)
 
     def stop_all(self) -> None:
         for name in list(self.procs):
