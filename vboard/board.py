@@ -487,12 +487,13 @@ class Board:
             if op >= 0x80:
                 self._post(op, payload)
                 continue
+            seq, payload = payload[: ipc.SEQ_SIZE], payload[ipc.SEQ_SIZE :]
             handler = handlers.get(op)
             if handler is None:
                 status, reply = errno.EINVAL, b""
             else:
                 status, reply = await handler(payload)
-            writer.write(struct.pack(ipc.HEADER, len(reply) + 1, status) + reply)
+            writer.write(struct.pack(ipc.HEADER, len(reply) + ipc.SEQ_SIZE + 1, status) + seq + reply)
 
     def _post(self, op: int, payload: bytes) -> None:
         if op == ipc.OP_PIN_SET:

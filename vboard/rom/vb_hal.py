@@ -33,7 +33,6 @@ TICKS_HALF = TICKS_PERIOD >> 1
 params = None
 _req = None
 _evt = None
-_hdr = bytearray(ipc.HEADER_SIZE)
 _anchors = (0, 0, 1000)
 boot_sim_us = 0
 pin_levels = bytearray(17)
@@ -56,28 +55,56 @@ def _connect(port):
     return s
 
 
-# A Ctrl-C (SIGINT) can land in the middle of a request. Raising it there would leave a reply
-# unread on the request channel and every later reply one step out of line, so the request
-# finishes first and the KeyboardInterrupt is raised afterwards, still inside the call the
-# program made, as the port raises it out of a blocking operation.
+# A Ctrl-C (SIGINT) can land in the middle of a request: MicroPython raises the pending
+# KeyboardInterrupt at the next jump of whatever bytecode runs, so anywhere in the exchange.
+# The channel must stay framed whatever was cut short, as the port raises the interrupt out
+# of a blocking operation and carries on. So: reads and writes are single recv/send calls
+# (the stream methods loop over several and lose what they moved when a signal interrupts
+# the next), the reader keeps its buffer and fill level in an object and updates them with
+# no jump in between (a cut-short read resumes where it stopped), and every request carries
+# a sequence number that its reply echoes, so the reply of a request the interrupt abandoned
+# is recognised and dropped by the next one. An interrupt while sending is raised once the
+# frame is out.
 _deferred = None
+_seq = 0
 
 
-def _read_exact(sock, n):
-    global _deferred
-    buf = bytearray(n)
-    got = 0
-    mv = memoryview(buf)
-    while got < n:
-        try:
-            k = sock.readinto(mv[got:])
-        except KeyboardInterrupt as e:
-            _deferred = e
-            continue
-        if not k:
-            raise OSError(104)  # the host went away: nothing sensible left to do
-        got += k
-    return buf
+class _Reader:
+    """Whole frames from a socket, resumable after any exception."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray(256)
+        self.fill = 0
+
+    def frame(self):
+        """(status, payload) of the next frame."""
+        while True:
+            fill = self.fill
+            buf = self.buf
+            end = ipc.HEADER_SIZE
+            if fill >= end:
+                end = ipc.HEADER_SIZE + (buf[0] | buf[1] << 8) - 1
+                if fill >= end:  # (never more: reads stop at the frame's end)
+                    status = buf[2]
+                    payload = bytes(buf[ipc.HEADER_SIZE : end])
+                    self.fill = 0
+                    return status, payload
+            if end > len(buf):
+                grown = bytearray(end)
+                grown[:fill] = buf[:fill]
+                self.buf = grown
+                buf = grown
+            # recv: one read(2). readinto/write loop until n bytes, and a signal between two of
+            # their reads raises with the bytes already taken lost.
+            got = self.sock.recv(end - fill)
+            buf[fill : fill + len(got)] = got
+            self.fill = fill + len(got)
+            if not got:
+                raise OSError(104)  # the host went away: nothing sensible left to do
+
+
+_reader = None
 
 
 def _write_all(sock, data):
@@ -86,7 +113,7 @@ def _write_all(sock, data):
     sent = 0
     while sent < len(data):
         try:
-            sent += sock.write(mv[sent:])
+            sent += sock.send(mv[sent:])  # one write(2) (see _Reader)
         except KeyboardInterrupt as e:
             _deferred = e
 
@@ -105,14 +132,18 @@ def _raise_deferred():
 
 def request(op, payload=b""):
     """Send a request and return the reply payload; a non-zero status raises OSError(status)."""
-    _send(_req, op, payload)
-    head = _read_exact(_req, ipc.HEADER_SIZE)
-    length, status = struct.unpack(ipc.HEADER, head)
-    body = _read_exact(_req, length - 1) if length > 1 else b""
+    global _seq
+    _seq = (_seq + 1) & 0xFFFF
+    seq = _seq
+    _send(_req, op, struct.pack(ipc.SEQ, seq) + payload)
+    while True:
+        status, reply = _reader.frame()
+        if reply[0] | reply[1] << 8 == seq:
+            break  # older ones are replies to requests an interrupt abandoned
     _raise_deferred()
     if status:
         raise OSError(status)
-    return body
+    return reply[ipc.SEQ_SIZE :]
 
 
 def post(op, payload=b""):
@@ -303,14 +334,13 @@ def _event_loop():
 
 def start(argv):
     """Connect to the host, fetch the boot parameters, start the event thread."""
-    global params, _req, _evt, _anchors, boot_sim_us
+    global params, _req, _reader, _evt, _anchors, boot_sim_us
     port = int(argv[1])
     token = argv[2].encode()
     _req = _connect(port)
+    _reader = _Reader(_req)
     _send(_req, ipc.OP_HELLO, b"R" + token)
-    head = _read_exact(_req, ipc.HEADER_SIZE)
-    length = struct.unpack(ipc.HEADER, head)[0]
-    params = json.loads(_read_exact(_req, length - 1))
+    params = json.loads(_reader.frame()[1])
     _evt = _connect(port)
     _send(_evt, ipc.OP_HELLO, b"E" + token)
     a = params["anchors"]

@@ -5,17 +5,22 @@
 # Two TCP connections to 127.0.0.1, both opened by the MicroPython process at start:
 #
 #   request channel  (main thread only)  frame = u16 length | u8 op | payload
-#                                        ops below 0x80 get one reply frame:
-#                                        u16 length | u8 status | payload   (status 0 = ok,
-#                                        otherwise an errno the HAL raises as OSError)
+#                                        ops below 0x80 (but OP_HELLO) start the payload with
+#                                        a u16 sequence number and get one reply frame:
+#                                        u16 length | u8 status | u16 seq | payload   (status
+#                                        0 = ok, otherwise an errno the HAL raises as OSError)
 #                                        ops from 0x80 up get no reply (fire-and-forget, but
 #                                        still processed in order with the requests).
+#                                        The sequence number lets the HAL drop the reply of a
+#                                        request a KeyboardInterrupt cut short (vb_hal.py).
 #   event channel    (HAL event thread)  frame = u16 length | u8 event | payload, both ways.
 #
 # Lengths count the op/status/event byte plus the payload, little-endian.
 
 HEADER = "<HB"
 HEADER_SIZE = 3
+SEQ = "<H"
+SEQ_SIZE = 2
 MAX_FRAME = 65535
 
 # requests with a reply

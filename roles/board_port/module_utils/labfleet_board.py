@@ -345,6 +345,23 @@ def break_in(port: str, timeout: float = 15.0, quiet_s: float = 0.5) -> None:
         console.close()
 
 
+def wait_for_prompt(port: str, timeout: float = 10.0) -> bool:
+    """Wait for a board that is booting to reach its REPL prompt, without interrupting it: a
+    bare Enter every half second (at the REPL it prints a new prompt; while boot.py runs it
+    waits in the input buffer). Ctrl-C into a booting board can interrupt boot.py half-way."""
+    console = Console(port)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            console.write(b"\r")
+            _, seen = console.read_until(b">>> ", 0.5)
+            if seen:
+                return True
+        return False
+    finally:
+        console.close()
+
+
 def enter_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
     """Reboot the board into safe mode (maintenance file on the flash, then a hard reset) and
     wait for its REPL.
@@ -355,6 +372,7 @@ def enter_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
     the firmware does not start the app (nor the watchdog), and the board's files can be read
     and written at leisure."""
     run_mpremote(mpremote, port, ["exec", f"open({SAFE_MODE_FILE!r}, 'w').close()", "reset"], timeout)
+    wait_for_prompt(port)  # let the board boot (into safe mode) undisturbed
     break_in(port)
 
 
