@@ -163,9 +163,13 @@ def main() -> None:
     try:
         # Maintenance first: a running app's watchdog would reset the board mid-upload.
         enter_safe_mode(p["mpremote"], port)
+        left_safe_mode = False
         try:
             probe = sorted(set(wanted) | set(shadowed_sources(wanted)))
-            state = board_exec(p["mpremote"], port, hash_script(probe), timeout=60)
+            # One mpremote session fewer per board: the hash read also removes the maintenance
+            # file; the board stays at its REPL until restarted (the upload resumes, no reset).
+            state = board_exec(p["mpremote"], port, hash_script(probe, leave_safe_mode=True), timeout=60)
+            left_safe_mode = True
             on_board: dict[str, str | None] = state["hashes"]
             send, remove = plan(wanted, on_board, state.get("previous") or [])
             result["diff"] = {
@@ -181,7 +185,8 @@ def main() -> None:
                 result["would_send"] = send
                 result["would_remove"] = remove
         finally:
-            leave_safe_mode(p["mpremote"], port)
+            if not left_safe_mode:
+                leave_safe_mode(p["mpremote"], port)
         result["upload_s"] = round(time.monotonic() - started, 2)
         watcher = None
         if p["confirm"] and p["restart"] and not module.check_mode:

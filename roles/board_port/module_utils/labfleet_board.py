@@ -190,10 +190,11 @@ print('@@labfleet@@' + json.dumps({'release': release,
 """
 
 
-def hash_script(paths: list[str]) -> str:
+def hash_script(paths: list[str], leave_safe_mode: bool = False) -> str:
     """Code printing the board's view of its files: {"hashes": {path: sha256 hex or None},
     "manifest": the text of the previous upload's manifest.json or None, "previous": the files
-    that manifest lists which are still on the board}."""
+    that manifest lists which are still on the board}. leave_safe_mode: also remove the
+    maintenance file, in the same session (see leave_safe_mode())."""
     return (
         "import os, json, hashlib, binascii\n"
         "def _h(p):\n"
@@ -222,7 +223,8 @@ def hash_script(paths: list[str]) -> str:
         "   pass\n"
         "except Exception:\n"
         " pass\n"
-        f"print('{RESULT_MARK}' + json.dumps({{'hashes': {{p: _h(p) for p in {paths!r}}}, "
+        + (f"try:\n os.remove({SAFE_MODE_FILE!r})\nexcept OSError:\n pass\n" if leave_safe_mode else "")
+        + f"print('{RESULT_MARK}' + json.dumps({{'hashes': {{p: _h(p) for p in {paths!r}}}, "
         "'manifest': t, 'previous': prev}))\n"
     )
 
@@ -377,7 +379,10 @@ def enter_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
 
 
 def leave_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
-    """Remove the maintenance file (the next boot starts the app)."""
+    """Remove the maintenance file (the next boot starts the app). Only a boot reads it: the
+    board stays at its REPL, with no app and no watchdog, until the next reset, so provisioning
+    may remove it early, in a session it needs anyway (hash_script(leave_safe_mode=True)), and
+    keep working over mpremote sessions that do not reset the board (`resume`)."""
     code = (
         f"import os\ntry:\n os.remove({SAFE_MODE_FILE!r})\nexcept OSError:\n pass\n"
         f"print({RESULT_MARK!r} + '1')"
