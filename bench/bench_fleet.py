@@ -74,12 +74,6 @@ def peak_rss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
-def recorder_pids(recorder: Recorder) -> list[int]:
-    assert recorder.proc is not None
-    children = Path(f"/proc/{recorder.proc.pid}/task/{recorder.proc.pid}/children")
-    return [recorder.proc.pid, *(int(p) for p in children.read_text().split())]
-
-
 def durable_times(recorder: Recorder, rx: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """When each received sample became durable: the first HDF5 flush + fsync that covered it."""
     flushes = [s for s in read_stats(recorder.stats) if s["kind"] == "hdf5"]
@@ -125,7 +119,7 @@ def phase(workdir: Path, boards: int, vboards: int, seconds: float, processes: i
         warmup = min(5.0, seconds / 4)
         time.sleep(warmup)
         assert broker.proc is not None
-        pids = recorder_pids(recorder)
+        pids = recorder.pids()
         ticks0, broker0, wall0 = cpu_ticks(pids), cpu_ticks([broker.proc.pid]), time.monotonic()
         time.sleep(max(1.0, seconds - 2 * warmup))
         ticks1, broker1, wall1 = cpu_ticks(pids), cpu_ticks([broker.proc.pid]), time.monotonic()
@@ -139,7 +133,7 @@ def phase(workdir: Path, boards: int, vboards: int, seconds: float, processes: i
         while settled != recorder.hdf5_rows():  # the virtual boards' last samples too
             settled = recorder.hdf5_rows()
             time.sleep(3)
-        memory = peak_rss_mib(recorder_pids(recorder))
+        memory = peak_rss_mib(recorder.pids())
     finally:
         if fleet is not None:
             fleet.stop()

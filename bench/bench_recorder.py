@@ -239,16 +239,11 @@ class Recorder:
                 raise TimeoutError("the recorder did not get there in time")
             time.sleep(0.05)
 
-    def cpu_ticks(self) -> int:
+    def pids(self) -> list[int]:
+        """The service process and its writer child."""
         assert self.proc is not None
-        pids = [self.proc.pid]
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        pids += [int(p) for p in children.read_text().split()]
-        total = 0
-        for pid in pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total
+        return [self.proc.pid, *(int(p) for p in children.read_text().split())]
 
 
 def drain_recorder(port: int, workdir: Path, count: int, run: int) -> dict[str, float]:
