@@ -148,7 +148,8 @@ class App:
         oldest = store.ram_oldest_seq()
         if oldest >= 0 and self.sampler.seq - oldest >= self.flush_s:
             if self.settle_len:  # acknowledged ones need no flash: commit them, then look again
-                self.settle(time.ticks_add(time.ticks_ms(), self.resend_ms))
+                while self.settle_len:
+                    self.commit_oldest()
                 oldest = store.ram_oldest_seq()
                 if oldest < 0 or self.sampler.seq - oldest < self.flush_s:
                     return

@@ -190,26 +190,33 @@ print('@@labfleet@@' + json.dumps({'release': release,
 """
 
 
+# Board-side snippets shared by the scripts below.
+_SHA256_OF_FILE = (
+    "def _sha(f):\n"
+    " h = hashlib.sha256(); b = bytearray(512); m = memoryview(b)\n"
+    " while True:\n"
+    "  n = f.readinto(b)\n"
+    "  if not n:\n"
+    "   break\n"
+    "  h.update(m[:n])\n"
+    " f.close()\n"
+    " return binascii.hexlify(h.digest()).decode()\n"
+)
+_REMOVE_SAFE_MODE_FILE = f"try:\n os.remove({SAFE_MODE_FILE!r})\nexcept OSError:\n pass\n"
+
+
 def hash_script(paths: list[str], leave_safe_mode: bool = False) -> str:
     """Code printing the board's view of its files: {"hashes": {path: sha256 hex or None},
     "manifest": the text of the previous upload's manifest.json or None, "previous": the files
     that manifest lists which are still on the board}. leave_safe_mode: also remove the
     maintenance file, in the same session (see leave_safe_mode())."""
     return (
-        "import os, json, hashlib, binascii\n"
-        "def _h(p):\n"
+        "import os, json, hashlib, binascii\n" + _SHA256_OF_FILE + "def _h(p):\n"
         " try:\n"
         "  f = open(p, 'rb')\n"
         " except OSError:\n"
         "  return None\n"
-        " h = hashlib.sha256(); b = bytearray(512); m = memoryview(b)\n"
-        " while True:\n"
-        "  n = f.readinto(b)\n"
-        "  if not n:\n"
-        "   break\n"
-        "  h.update(m[:n])\n"
-        " f.close()\n"
-        " return binascii.hexlify(h.digest()).decode()\n"
+        " return _sha(f)\n"
         "try:\n"
         " f = open('manifest.json'); t = f.read(); f.close()\n"
         "except OSError:\n"
@@ -223,7 +230,7 @@ def hash_script(paths: list[str], leave_safe_mode: bool = False) -> str:
         "   pass\n"
         "except Exception:\n"
         " pass\n"
-        + (f"try:\n os.remove({SAFE_MODE_FILE!r})\nexcept OSError:\n pass\n" if leave_safe_mode else "")
+        + (_REMOVE_SAFE_MODE_FILE if leave_safe_mode else "")
         + f"print('{RESULT_MARK}' + json.dumps({{'hashes': {{p: _h(p) for p in {paths!r}}}, "
         "'manifest': t, 'previous': prev}))\n"
     )
@@ -235,17 +242,8 @@ def install_script(staged: dict[str, str], remove: list[str]) -> str:
     return (
         "import os, json, hashlib, binascii\n"
         f"staged = {staged!r}\n"
-        "bad = {}\n"
-        "for p, want in staged.items():\n"
-        " h = hashlib.sha256(); b = bytearray(512); m = memoryview(b)\n"
-        " f = open(p + '.new', 'rb')\n"
-        " while True:\n"
-        "  n = f.readinto(b)\n"
-        "  if not n:\n"
-        "   break\n"
-        "  h.update(m[:n])\n"
-        " f.close()\n"
-        " got = binascii.hexlify(h.digest()).decode()\n"
+        "bad = {}\n" + _SHA256_OF_FILE + "for p, want in staged.items():\n"
+        " got = _sha(open(p + '.new', 'rb'))\n"
         " if got != want:\n"
         "  bad[p] = got\n"
         "removed = []\n"
@@ -383,10 +381,7 @@ def leave_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
     board stays at its REPL, with no app and no watchdog, until the next reset, so provisioning
     may remove it early, in a session it needs anyway (hash_script(leave_safe_mode=True)), and
     keep working over mpremote sessions that do not reset the board (`resume`)."""
-    code = (
-        f"import os\ntry:\n os.remove({SAFE_MODE_FILE!r})\nexcept OSError:\n pass\n"
-        f"print({RESULT_MARK!r} + '1')"
-    )
+    code = "import os\n" + _REMOVE_SAFE_MODE_FILE + f"print({RESULT_MARK!r} + '1')"
     board_exec(mpremote, port, code, timeout)
 
 
