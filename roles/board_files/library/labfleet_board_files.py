@@ -14,24 +14,25 @@ from ansible.module_utils.labfleet_board import (
     DEFAULT_BOOT_FAILURE,
     BoardError,
     BoardNotConnected,
+    BoardSession,
     InfoWatcher,
-    board_exec,
     enter_safe_mode,
     hash_script,
     install_script,
     leave_safe_mode,
     mkdirs_script,
-    parse_result,
     restart_app,
-    run_mpremote,
 )
 
 DOCUMENTATION = r"""
 module: labfleet_board_files
 short_description: Put build/<device>/ on a board, sending only files whose hash differs
 description:
+  - Drives the board with mpremote's own transport (C(mpremote.transport_serial)) in the
+    module's Python, which must have mpremote (the USB host's labfleet_venv python): after the
+    reboot into safe mode, one raw-REPL session reads the hashes and uploads.
   - Reads the sha256 of every file of the build's manifest back from the board (hashlib on the
-    board, through C(mpremote exec)), and the manifest of the previous upload.
+    board, as C(mpremote exec) runs it), and the manifest of the previous upload.
   - Sends only the files that differ, each to C(<name>.new); then, on the board, checks every
     staged file's sha256 and only if all match renames them into place (a board unplugged
     mid-upload keeps its old, complete file set), removes files the previous upload put there
@@ -49,7 +50,6 @@ options:
     description: The board's build folder (build/<device>/ with manifest.json).
     type: path
     required: true
-  mpremote: {description: The mpremote executable., type: path, default: mpremote}
   restart: {description: Restart the application afterwards., type: bool, default: true}
   boot_watch_s: {description: Seconds to watch the console after the restart., type: float, default: 2}
   boot_failure_regex: {description: Console output that means the application did not start., type: str}
@@ -68,7 +68,6 @@ options:
 """
 
 MANIFEST = "manifest.json"
-TIMEOUT_PER_KB = 1.0  # seconds of mpremote time allowed per KiB sent (the raw REPL is slow)
 
 
 def sha256_file(path: Path) -> str:
@@ -105,27 +104,18 @@ def plan(
     return send, sorted(remove - set(wanted))
 
 
-def upload(
-    mpremote: str, port: str, src: Path, send: list[str], remove: list[str], wanted: dict[str, str]
-) -> int:
-    """Stage, verify and install in one mpremote session; returns the bytes sent."""
+def upload(board: BoardSession, src: Path, send: list[str], remove: list[str], wanted: dict[str, str]) -> int:
+    """Stage, verify and install in the session that read the hashes; returns the bytes sent.
+    (That read soft-reset the board and left it idle at its REPL: no second reset is needed.)"""
     directories = sorted({str(Path(name).parent) for name in send if str(Path(name).parent) != "."})
-    # The hash read just before soft-reset the board and left it idle at its REPL: no second
-    # soft reset (a reboot of the board) is needed.
-    args: list[str] = ["resume"]
     if directories:
-        args += ["exec", mkdirs_script(directories), "+"]
-    sent = 0
-    for name in send:
-        args += ["fs", "cp", str(src / name), f":{name}.new", "+"]
-        sent += (src / name).stat().st_size
-    args += ["exec", install_script({name: wanted[name] for name in send}, remove)]
-    timeout = 60 + sent / 1024 * TIMEOUT_PER_KB
-    result = parse_result(run_mpremote(mpremote, port, args, timeout=timeout))
+        board.run(mkdirs_script(directories))
+    sent = sum(board.put(str(src / name), f"{name}.new") for name in send)
+    result = board.exec(install_script({name: wanted[name] for name in send}, remove), timeout=60)
     if result["bad"]:
         raise BoardError(
-            f"{port}: after upload, the board's copies of {', '.join(sorted(result['bad']))} have the "
-            "wrong sha256; nothing was replaced (the old files are still in place)"
+            f"{board.port}: after upload, the board's copies of {', '.join(sorted(result['bad']))} have "
+            "the wrong sha256; nothing was replaced (the old files are still in place)"
         )
     return sent
 
@@ -135,7 +125,6 @@ def main() -> None:
         argument_spec={
             "port": {"type": "str", "required": True},
             "src": {"type": "path", "required": True},
-            "mpremote": {"type": "path", "default": "mpremote"},
             "restart": {"type": "bool", "default": True},
             "boot_watch_s": {"type": "float", "default": 2.0},
             "boot_failure_regex": {"type": "str", "default": DEFAULT_BOOT_FAILURE},
@@ -162,31 +151,32 @@ def main() -> None:
     started = time.monotonic()
     try:
         # Maintenance first: a running app's watchdog would reset the board mid-upload.
-        enter_safe_mode(p["mpremote"], port)
+        enter_safe_mode(None, port)
         left_safe_mode = False
         try:
             probe = sorted(set(wanted) | set(shadowed_sources(wanted)))
-            # One mpremote session fewer per board: the hash read also removes the maintenance
-            # file; the board stays at its REPL until restarted (the upload resumes, no reset).
-            state = board_exec(p["mpremote"], port, hash_script(probe, leave_safe_mode=True), timeout=60)
-            left_safe_mode = True
-            on_board: dict[str, str | None] = state["hashes"]
-            send, remove = plan(wanted, on_board, state.get("previous") or [])
-            result["diff"] = {
-                "before": "".join(f"{n} {str(on_board.get(n))[:12]}\n" for n in send + remove),
-                "after": "".join(f"{n} {wanted[n][:12]}\n" for n in send),
-            }
-            changed = bool(send or remove)
-            if changed and not module.check_mode:
-                result["sent_bytes"] = upload(p["mpremote"], port, src, send, remove, wanted)
-                result["sent_files"] = send
-                result["removed"] = remove
-            elif module.check_mode:
-                result["would_send"] = send
-                result["would_remove"] = remove
+            # One session for the rest: the hash read also removes the maintenance file (the
+            # board stays at its REPL until restarted), then the upload, without a reset.
+            with BoardSession(port) as board:
+                state = board.exec(hash_script(probe, leave_safe_mode=True), timeout=60)
+                left_safe_mode = True
+                on_board: dict[str, str | None] = state["hashes"]
+                send, remove = plan(wanted, on_board, state.get("previous") or [])
+                result["diff"] = {
+                    "before": "".join(f"{n} {str(on_board.get(n))[:12]}\n" for n in send + remove),
+                    "after": "".join(f"{n} {wanted[n][:12]}\n" for n in send),
+                }
+                changed = bool(send or remove)
+                if changed and not module.check_mode:
+                    result["sent_bytes"] = upload(board, src, send, remove, wanted)
+                    result["sent_files"] = send
+                    result["removed"] = remove
+                elif module.check_mode:
+                    result["would_send"] = send
+                    result["would_remove"] = remove
         finally:
             if not left_safe_mode:
-                leave_safe_mode(p["mpremote"], port)
+                leave_safe_mode(None, port)
         result["upload_s"] = round(time.monotonic() - started, 2)
         watcher = None
         if p["confirm"] and p["restart"] and not module.check_mode:

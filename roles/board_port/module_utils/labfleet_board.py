@@ -2,9 +2,11 @@
 
 Runs on the USB host the boards are plugged into (a remote Pi or the controller itself), with the
 Python that has mpremote and pyserial (the project's `provision` dependencies). Every board
-operation goes through the real `mpremote` command line; the only thing mpremote cannot do is
-restart the application after its raw-REPL session, which `restart_app` does on the console
-itself, exactly as a person at the REPL would (Ctrl-C, Ctrl-B, Ctrl-D).
+operation goes through the real mpremote: its command line (`run_mpremote`), or, where one board
+needs several steps, its own transport in this process (`BoardSession`: the same raw-REPL
+protocol, one connection for all the steps, no mpremote process per step). The only thing
+mpremote cannot do is restart the application after its raw-REPL session, which `restart_app`
+does on the console itself, exactly as a person at the REPL would (Ctrl-C, Ctrl-B, Ctrl-D).
 
 Console contract (real ESP8266 MicroPython, and the virtual board speaks the same):
   - mpremote's raw REPL (Ctrl-A, soft reset with Ctrl-D, exec) works;
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import io
 import json
 import os
 import re
@@ -26,6 +29,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -165,8 +169,121 @@ def parse_result(stdout: str) -> Any:
     raise BoardError(f"the board printed no result: {stdout.strip()[-800:]!r}")
 
 
-def board_exec(mpremote: str, port: str, code: str, timeout: float = 30.0) -> Any:
+def board_exec(mpremote: str | None, port: str, code: str, timeout: float = 30.0) -> Any:
+    """The JSON `code` printed on the board. mpremote: the mpremote program to run; None: a
+    BoardSession (mpremote's transport) in this process."""
+    if mpremote is None:
+        with BoardSession(port) as board:
+            return board.exec(code, timeout)
     return parse_result(run_mpremote(mpremote, port, ["exec", code], timeout))
+
+
+class BoardSession:
+    """One raw-REPL session on the board through mpremote's own transport
+    (mpremote.transport_serial.SerialTransport, what `mpremote connect PORT` opens and its `exec`
+    and `fs cp` drive), in this process: the steps of a chain like `mpremote connect PORT exec A +
+    fs cp f :f + exec B`, but the next step may depend on what the last one printed, and no
+    mpremote process (a Python and its imports, about 0.1 CPU-s) is started per step.
+
+    Entering it interrupts the running program (Ctrl-C) and soft-resets the board in raw-REPL
+    mode (main.py does not run), as mpremote's first command does; soft_reset=False is mpremote's
+    `resume`. A board that misses the Ctrl-C (resetting in a loop) is held at its REPL first and
+    tried once more, as run_mpremote does."""
+
+    def __init__(self, port: str, soft_reset: bool = True) -> None:
+        self.port = port
+        self.transport: Any = None  # mpremote's SerialTransport while connected
+        try:
+            self._open(soft_reset)
+        except BoardNotConnected:
+            raise
+        except BoardError as e:
+            if "could not enter raw repl" not in str(e):
+                raise
+            break_in(port)
+            self._open(soft_reset)
+
+    def _open(self, soft_reset: bool) -> None:
+        try:
+            from mpremote.transport import TransportError
+            from mpremote.transport_serial import SerialTransport
+        except ImportError as e:
+            raise BoardError(
+                f"mpremote is not importable by this Python ({sys.executable}): run the board modules "
+                f"with the USB host's labfleet_venv python (ansible_python_interpreter): {e}"
+            ) from None
+        try:
+            self.transport = SerialTransport(self.port, baudrate=115200)
+        except TransportError as e:  # "failed to access <port>": nothing there, or busy
+            raise BoardNotConnected(f"{self.port}: {e}") from None
+        # mpremote reads without a timeout where its process's own time limit protected it; a
+        # board that stops answering must not hang this one.
+        self.transport.serial.timeout = 10
+        try:
+            self._call("connect", self.transport.enter_raw_repl, soft_reset)
+        except BoardError:
+            self.close()
+            raise
+
+    def _call(self, what: str, function: Callable[..., Any], *args: Any) -> Any:
+        """A transport call; mpremote's errors (and what it would have printed) as BoardError."""
+        from mpremote.transport import TransportError, TransportExecError
+
+        printed = io.StringIO()  # a module's stdout is its JSON result: keep mpremote's prints off it
+        try:
+            with contextlib.redirect_stdout(printed):
+                return function(*args)
+        except TransportExecError as e:
+            raise BoardError(
+                f"{self.port}: {what} failed on the board: {e.error_output.strip()[-1500:]}"
+            ) from None
+        except (TransportError, OSError) as e:
+            said = printed.getvalue().strip()[-400:]
+            raise BoardError(
+                f"mpremote on {self.port} failed ({what}): {e}{'; ' + said if said else ''}"
+            ) from None
+
+    def run(self, code: str, timeout: float = 30.0) -> str:
+        """What `code` printed on the board (mpremote exec); BoardError if it raised."""
+        self._call("exec", self.transport.exec_raw_no_follow, code)
+        out, err = self._call("exec", self.transport.follow, timeout)
+        if err:
+            raise BoardError(
+                f"mpremote on {self.port} failed: {err.decode('utf-8', 'replace').strip()[-1500:]}"
+            )
+        return str(out.decode("utf-8", "replace"))
+
+    def exec(self, code: str, timeout: float = 30.0) -> Any:
+        """The JSON a board-side script printed after RESULT_MARK."""
+        return parse_result(self.run(code, timeout))
+
+    def put(self, local: str, remote: str) -> int:
+        """Write a local file to the board (mpremote fs cp LOCAL :REMOTE); returns its size."""
+        with open(local, "rb") as f:
+            data = f.read()
+        self._call(f"fs cp {local} :{remote}", self.transport.fs_writefile, remote, data)
+        return len(data)
+
+    def hard_reset(self) -> None:
+        """Reset the board (mpremote reset) and end the session."""
+        self._call("reset", self.transport.exec_raw_no_follow, _HARD_RESET)
+        self.close()
+
+    def close(self) -> None:
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        with contextlib.suppress(OSError):  # as mpremote's disconnect: the port may be gone
+            if transport.in_raw_repl:
+                transport.exit_raw_repl()
+        with contextlib.suppress(OSError):
+            transport.close()
+
+    def __enter__(self) -> BoardSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # MicroPython code, run on the board. Kept to what the ESP8266 port has (os, sys, json, hashlib,
@@ -203,6 +320,8 @@ _SHA256_OF_FILE = (
     " return binascii.hexlify(h.digest()).decode()\n"
 )
 _REMOVE_SAFE_MODE_FILE = f"try:\n os.remove({SAFE_MODE_FILE!r})\nexcept OSError:\n pass\n"
+_CREATE_SAFE_MODE_FILE = f"open({SAFE_MODE_FILE!r}, 'w').close()"
+_HARD_RESET = "import time, machine; time.sleep_ms(100); machine.reset()"  # what `mpremote reset` runs
 
 
 def hash_script(paths: list[str], leave_safe_mode: bool = False) -> str:
@@ -362,25 +481,31 @@ def wait_for_prompt(port: str, timeout: float = 10.0) -> bool:
         console.close()
 
 
-def enter_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
+def enter_safe_mode(mpremote: str | None, port: str, timeout: float = 60.0) -> None:
     """Reboot the board into safe mode (maintenance file on the flash, then a hard reset) and
-    wait for its REPL.
+    wait for its REPL. mpremote: the mpremote program to run; None: mpremote's transport in
+    this process (BoardSession).
 
     Once the application has started the ESP8266's watchdog, nothing stops it: mpremote's Ctrl-C
     and soft reset leave it counting, and the board resets about 5 s later, in the middle of
     whatever was being uploaded. Writing the file takes well under that; after the hard reset
     the firmware does not start the app (nor the watchdog), and the board's files can be read
     and written at leisure."""
-    run_mpremote(mpremote, port, ["exec", f"open({SAFE_MODE_FILE!r}, 'w').close()", "reset"], timeout)
+    if mpremote is None:
+        with BoardSession(port) as board:
+            board.run(_CREATE_SAFE_MODE_FILE, timeout)
+            board.hard_reset()
+    else:
+        run_mpremote(mpremote, port, ["exec", _CREATE_SAFE_MODE_FILE, "reset"], timeout)
     wait_for_prompt(port)  # let the board boot (into safe mode) undisturbed
     break_in(port)
 
 
-def leave_safe_mode(mpremote: str, port: str, timeout: float = 60.0) -> None:
+def leave_safe_mode(mpremote: str | None, port: str, timeout: float = 60.0) -> None:
     """Remove the maintenance file (the next boot starts the app). Only a boot reads it: the
     board stays at its REPL, with no app and no watchdog, until the next reset, so provisioning
     may remove it early, in a session it needs anyway (hash_script(leave_safe_mode=True)), and
-    keep working over mpremote sessions that do not reset the board (`resume`)."""
+    keep working in that session, or in later ones that do not reset the board (`resume`)."""
     code = "import os\n" + _REMOVE_SAFE_MODE_FILE + f"print({RESULT_MARK!r} + '1')"
     board_exec(mpremote, port, code, timeout)
 
