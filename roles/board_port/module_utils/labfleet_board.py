@@ -215,7 +215,9 @@ class BoardSession:
         try:
             self.transport = SerialTransport(self.port, baudrate=115200)
         except TransportError as e:  # "failed to access <port>": nothing there, or busy
-            raise BoardNotConnected(f"{self.port}: {e}") from None
+            raise BoardNotConnected(
+                f"nothing answers at {self.port} (unplugged, or in use by another program): {e}"
+            ) from None
         # mpremote reads without a timeout where its process's own time limit protected it; a
         # board that stops answering must not hang this one.
         self.transport.serial.timeout = 10
