@@ -27,14 +27,15 @@
 # The flash button held for BUTTON_HOLD_MS pauses/resumes publishing data (sampling goes on).
 
 import gc
+import io
 import json
 import os
 import time
 
 import machine
-import protocol
 from drivers.errors import SensorError
 from micropython import const
+from protocol import FLAG_TIME_UNSYNCED, HEALTH_KEYS, OFFLINE, ONLINE
 
 FIRMWARE_VERSION = "0.1.0"
 SAMPLES_FILE = "samples.dat"  # the store's flash ring
@@ -56,6 +57,30 @@ BUTTON_HOLD_MS = const(2000)
 # A CONNACK comes within milliseconds from a healthy broker; waiting longer only delays samples.
 CONNECT_TIMEOUT_MS = const(2000)
 _SETTLE_SLOTS = const(32)  # acknowledged batches kept at most (beyond: the oldest is committed)
+# The longest info message: every field at its longest (device name 32, MicroPython version
+# string ~80 bytes, buffer sizes at their config maxima) is ~620 bytes.
+_MESSAGE_MAX = const(768)
+
+
+class JSONOut(io.IOBase):
+    """A fixed buffer that json.dump() writes into. After boot the free heap is in small pieces:
+    the info and health messages, built every minute for months, take no new block."""
+
+    def __init__(self, size):
+        self.view = memoryview(bytearray(size))
+        self.end = 0
+
+    def write(self, data):
+        end = self.end + len(data)
+        self.view[self.end : end] = data  # ValueError beyond the buffer
+        self.end = end
+        return len(data)
+
+    def dump(self, obj):
+        """obj as JSON: a memoryview valid until the next dump()."""
+        self.end = 0
+        json.dump(obj, self)
+        return self.view[: self.end]
 
 
 class App:
@@ -96,6 +121,15 @@ class App:
         self.up_ms = 0
         self.sync_at = 0  # uptime second of the next NTP check
         self.health_at = 0
+        # Set by appinit.setup() and run(). Declared here, so that the instance's attribute
+        # table reaches its final size now, not by reallocations while boot fills the heap.
+        self.boot = self.flush_s = self.batch = self.resend_ms = self.health_s = None
+        self.resync_s = self.ntp_host = self.sqw_gpio = self.networks = self.broker = None
+        self.device = self.t_status = self.t_info = self.t_data = self.t_health = None
+        self.rtc = self.tc = self.amb = self.button = self.wlan = self.info_fields = None
+        self.store = self.client = self.sampler = self.timesync = self.wdt = self.rtc_ok = None
+        self.health_fields = None
+        self.out = JSONOut(_MESSAGE_MAX)
 
     def start_rtc(self):
         try:
@@ -183,7 +217,7 @@ class App:
         if self.up_s >= self.sync_at and self.rtc_ok and (ts.osf or self.sampler.base is not None):
             if ts.sync(self.wdt):
                 self.sync_at = self.up_s + (_SYNC_CHECK_S if ts.just_set else self.resync_s)
-                self.sampler.flags &= ~protocol.FLAG_TIME_UNSYNCED
+                self.sampler.flags &= ~FLAG_TIME_UNSYNCED
                 self.info_due = True
             else:
                 self.sync_at = self.up_s + _SYNC_RETRY_S
@@ -237,7 +271,7 @@ class App:
         self.connected_once = True
         self.backoff_ms = 0
         self.info_due = False
-        self.publish(self.t_status, protocol.ONLINE)
+        self.publish(self.t_status, ONLINE)
         self.publish(self.t_info, self.info())
 
     def backoff(self, now):
@@ -340,14 +374,13 @@ class App:
     def info(self):
         ts = self.timesync
         fields = self.info_fields
-        fields["time"] = {
-            "source": "ntp" if ts.synced else "rtc",
-            "sync": ts.result,
-            "osf": ts.osf,
-            "offset_ms": ts.offset_ms,
-        }
+        time_fields = fields["time"]
+        time_fields["source"] = "ntp" if ts.synced else "rtc"
+        time_fields["sync"] = ts.result
+        time_fields["osf"] = ts.osf
+        time_fields["offset_ms"] = ts.offset_ms
         fields["t"] = self.now()
-        return json.dumps(fields)
+        return self.out.dump(fields)
 
     def health(self):
         gc.collect()
@@ -356,21 +389,18 @@ class App:
             rssi = self.wlan.status("rssi")
         except (OSError, ValueError):
             rssi = None
-        return json.dumps(
-            {
-                "boot": self.boot,
-                "t": self.now(),
-                "up": self.up_s,
-                "rssi": rssi,
-                "heap": gc.mem_free(),
-                "backlog": max(0, store.depth() - self.settling),  # acknowledged: not backlog
-                "dropped": store.dropped + store.overruns,
-                "reconnects": self.reconnects,
-                "seq": self.sampler.seq - 1,
-                "drift_ms": self.timesync.offset_ms,
-                "paused": self.paused,
-            }
-        )
+        fields = self.health_fields
+        fields["t"] = self.now()
+        fields["up"] = self.up_s
+        fields["rssi"] = rssi
+        fields["heap"] = gc.mem_free()
+        fields["backlog"] = max(0, store.depth() - self.settling)  # acknowledged: not backlog
+        fields["dropped"] = store.dropped + store.overruns
+        fields["reconnects"] = self.reconnects
+        fields["seq"] = self.sampler.seq - 1
+        fields["drift_ms"] = self.timesync.offset_ms
+        fields["paused"] = self.paused
+        return self.out.dump(fields)
 
 
 def run(box):
@@ -378,17 +408,20 @@ def run(box):
     heap is freed once appinit has taken what the app needs. Never returns."""
     import sys
 
+    # The long-lived objects with the largest blocks first, while the heap above what boot
+    # left is still in one piece: the app's attribute table, the store's buffers.
+    app = App()
+    from store import Store
+
+    buffer = box[0]["buffer"]
+    app.store = store = Store(buffer["ram_samples"], buffer["flash_samples"], SAMPLES_FILE, buffer["batch"])
+    del buffer
     import appinit
 
-    app = App()
     appinit.setup(app, box.pop(0), box.pop(0), box.pop(0))
     del appinit
     sys.modules.pop("appinit")
     gc.collect()
-    # the long-lived objects, the store's buffers (the largest blocks) first
-    from store import Store
-
-    app.store = store = Store(app.ram_samples, app.flash_samples, SAMPLES_FILE, app.batch)
     # the watchdog starts once the store is open: recovering a flash ring without its journal
     # reads the whole ring, which may take seconds on a board
     app.wdt = machine.WDT()
@@ -396,15 +429,9 @@ def run(box):
     from sampler import Sampler
     from timesync import TimeSync
 
-    app.info_fields["buffer"] = {"ram": store.ram_capacity, "flash": store.capacity, "flush_s": app.flush_s}
-    app.sampler = sampler = Sampler(store, app.boot, app.rtc, app.tc, app.amb, app.sqw_gpio)
-    app.timesync = TimeSync(app.rtc, sampler, app.ntp_host)
-    app.rtc_ok = app.start_rtc()
-    if app.timesync.osf:
-        # the DS3231 lost power: its time is not to be trusted. Sampling starts once NTP set it,
-        # or, if NTP stays out of reach, flagged unsynced after BOOT_SYNC_WAIT_MS
-        sampler.enabled = False
-        sampler.flags = protocol.FLAG_TIME_UNSYNCED
+    # every module took the protocol constants it needs (`from protocol import ...`): the rest
+    # of protocol.py (the recorder's helpers, the key lists) gives its heap back
+    sys.modules.pop("protocol", None)
     broker = app.broker
     app.client = client = MQTTClient(
         app.device,
@@ -417,5 +444,18 @@ def run(box):
         window=App.WINDOW,
         connect_timeout_ms=CONNECT_TIMEOUT_MS,
     )
-    client.set_last_will(app.t_status, protocol.OFFLINE, retain=True, qos=1)
+    client.set_last_will(app.t_status, OFFLINE, retain=True, qos=1)
+    # the messages' dicts are built once and updated in place, and written into one buffer
+    app.info_fields["buffer"] = {"ram": store.ram_capacity, "flash": store.capacity, "flush_s": app.flush_s}
+    app.info_fields["time"] = {"source": None, "sync": None, "osf": None, "offset_ms": None}
+    app.health_fields = {key: None for key in HEALTH_KEYS}
+    app.health_fields["boot"] = app.boot
+    app.sampler = sampler = Sampler(store, app.boot, app.rtc, app.tc, app.amb, app.sqw_gpio)
+    app.timesync = TimeSync(app.rtc, sampler, app.ntp_host)
+    app.rtc_ok = app.start_rtc()
+    if app.timesync.osf:
+        # the DS3231 lost power: its time is not to be trusted. Sampling starts once NTP set it,
+        # or, if NTP stays out of reach, flagged unsynced after BOOT_SYNC_WAIT_MS
+        sampler.enabled = False
+        sampler.flags = FLAG_TIME_UNSYNCED
     app.loop()

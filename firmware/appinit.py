@@ -1,22 +1,20 @@
-# The app's boot-time part, run once with the config: the boot counter, the watchdog, the buses
-# and sensor drivers with their self-tests, WiFi, the topics and the constant part of the info
-# message. app.run() imports it, calls setup(), and unloads it and the config before it creates
-# the long-lived objects (store, sampler, MQTT client): the heap's peak is then no higher at
-# boot than while the app runs.
+# The app's boot-time part, run once with the config: the boot counter, the buses and sensor
+# drivers with their self-tests, WiFi, the topics and the constant part of the info message.
+# app.run() imports it once the store's buffers are allocated, calls setup(), and unloads it and
+# the config before it loads the rest of the app (sampler, MQTT client, NTP): the heap's peak is
+# then no higher at boot than while the app runs.
 
 import os
 import time
 
 import network
 import protocol
-from app import FIRMWARE_VERSION, SAMPLES_FILE
+from app import FIRMWARE_VERSION
 from drivers.errors import SensorError
 from machine import SPI, Pin, SoftI2C
 from micropython import const
-from store import RECORD_SIZE
 
 BOOT_FILE = "boot.count"  # the boot counter, rewritten once per boot
-_FLASH_SHARE = const(4)  # the flash ring may take 3/4 of the free filesystem space
 _TC_SETTLE_MS = const(250)  # a thermocouple converter's first conversion after CS went high
 _SPI_BAUD = const(4000000)  # both converters shift out at up to 4.3 MHz, SPI mode 0
 _I2C_FREQ = const(400000)
@@ -50,24 +48,6 @@ def file_hash(path):
     with open(path, "rb") as f:
         h.update(f.read())
     return binascii.hexlify(h.digest()[:8]).decode()
-
-
-def flash_capacity(wanted):
-    """The flash ring's size: as configured, but never more than the filesystem can hold."""
-    try:
-        st = os.statvfs("/")
-        free = st[0] * st[4]
-    except OSError:
-        return wanted
-    try:
-        free += os.stat(SAMPLES_FILE)[6]
-    except OSError:
-        pass
-    most = free * (_FLASH_SHARE - 1) // _FLASH_SHARE // RECORD_SIZE
-    if wanted > most:
-        print("labfleet: flash ring cut to %d samples: the filesystem is too small" % most)
-        return most
-    return wanted
 
 
 def sensors(cfg, i2c):
@@ -127,8 +107,6 @@ def setup(app, cfg, config_file, reset):
     print("labfleet %s: %s, boot %d, reset: %s" % (FIRMWARE_VERSION, device, boot, reset))
     pins = cfg["pins"]
     buffer = cfg["buffer"]
-    app.ram_samples = buffer["ram_samples"]
-    app.flash_samples = flash_capacity(buffer["flash_samples"])
     app.flush_s = buffer["flush_s"]
     app.batch = buffer["batch"]
     app.resend_ms = buffer["resend_s"] * 1000

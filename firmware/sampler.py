@@ -19,10 +19,10 @@
 
 import time
 
-import protocol
 from drivers.errors import CRCError, NotAnswering, OpenCircuit, SensorError, ShortCircuit
 from machine import Pin
 from micropython import const
+from protocol import FLAG_AMB_CRC, FLAG_AMB_FAULT, FLAG_LATE, FLAG_TC_FAULT, FLAG_TC_OPEN, FLAG_TC_SHORT
 
 _HALF_SECOND_MS = const(500)  # from a rising edge to the end of its DS3231 second
 _ANCHOR_WITHIN_MS = const(400)  # the DS3231 read must end well before its second does
@@ -31,8 +31,6 @@ _JUMP_S = const(600)  # seconds between samples that _push() takes for the clock
 _IDLE_UNKNOWN_MS = const(1000)
 _WAIT_MAX_MS = const(100)  # longest the main loop waits before looking again
 _WAIT_MIN_MS = const(5)
-
-_FLAG_LATE = protocol.FLAG_LATE
 
 _edges = 0  # SQW rising edges since boot (written only by _on_edge)
 _edge_ticks = 0  # ticks_ms of the newest edge
@@ -47,15 +45,15 @@ def _on_edge(pin):
 def tc_flag(error):
     """The protocol flag of a thermocouple driver's exception."""
     if isinstance(error, OpenCircuit):
-        return protocol.FLAG_TC_OPEN
+        return FLAG_TC_OPEN
     if isinstance(error, ShortCircuit):
-        return protocol.FLAG_TC_SHORT
-    return protocol.FLAG_TC_FAULT
+        return FLAG_TC_SHORT
+    return FLAG_TC_FAULT
 
 
 def amb_flag(error):
     """The protocol flag of an ambient sensor driver's exception."""
-    return protocol.FLAG_AMB_CRC if isinstance(error, CRCError) else protocol.FLAG_AMB_FAULT
+    return FLAG_AMB_CRC if isinstance(error, CRCError) else FLAG_AMB_FAULT
 
 
 class Sampler:
@@ -122,7 +120,7 @@ class Sampler:
         edges = _edges
         if self.busy:
             if edges != self.done:  # the next edge came first: push what was measured
-                self._finish(self.amb.temperature, self.amb.humidity, _FLAG_LATE)
+                self._finish(self.amb.temperature, self.amb.humidity, FLAG_LATE)
             elif time.ticks_diff(self.due, time.ticks_ms()) <= 0:
                 self._poll_ambient()
         if edges != self.done:
@@ -156,7 +154,7 @@ class Sampler:
         if self.enabled:
             while self.done + 1 < edges:  # edges the loop was too busy to sample
                 self.done += 1
-                self._push(self.base + self.done, None, None, None, _FLAG_LATE | self.flags)
+                self._push(self.base + self.done, None, None, None, FLAG_LATE | self.flags)
         self.done = edges
         if not self.enabled:
             return
@@ -225,7 +223,7 @@ class Sampler:
         if not self._on_time():
             # a value is only ever sent with the second it was measured in
             self._kt = None
-            self._flags = flags | _FLAG_LATE
+            self._flags = flags | FLAG_LATE
             self._finish(None, None, 0)
             return
         self._kt = kt
@@ -245,7 +243,7 @@ class Sampler:
             return
         if wait:  # the next conversion (SHT2x humidity) started: in its second?
             if not self._on_time():
-                self._finish(amb.temperature, None, _FLAG_LATE)
+                self._finish(amb.temperature, None, FLAG_LATE)
                 return
             self.due = time.ticks_add(time.ticks_ms(), wait + 1)
             return
@@ -267,7 +265,7 @@ class Sampler:
             elif t - last <= _JUMP_S:
                 missing = last + 1
                 while missing < t:
-                    self._store(missing, None, None, None, _FLAG_LATE | self.flags)
+                    self._store(missing, None, None, None, FLAG_LATE | self.flags)
                     missing += 1
         self._store(t, kt, at, ah, flags)
         self.last_t = t

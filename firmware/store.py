@@ -36,18 +36,18 @@
 import os
 import struct
 
-import protocol
 from micropython import const
+from protocol import SAMPLE_FIELDS
 
 # The record stores the sample fields in exactly the protocol's order.
-_SAMPLE_FIELDS = ("boot", "seq", "t", "kT", "aT", "aH", "flags")
-if tuple(protocol.SAMPLE_FIELDS) != _SAMPLE_FIELDS:
+if tuple(SAMPLE_FIELDS) != ("boot", "seq", "t", "kT", "aT", "aH", "flags"):
     raise ImportError("store.py's record layout does not match protocol.SAMPLE_FIELDS")
+del SAMPLE_FIELDS
 
 # lsn, boot, seq, t (u32) | kT (i32) | aT, aH (i16) | flags (u16) | crc (u16)
 _RECORD = "<IIIIihhHH"
 RECORD_SIZE = const(28)
-_CRC_AT = const(26)
+CRC_AT = const(26)
 _AT_BOOT = const(4)
 _AT_SEQ = const(8)
 _AT_TIME = const(12)
@@ -59,13 +59,10 @@ _AT_FLAGS = const(24)
 NULL_KT = -0x80000000
 NULL_16 = -0x8000
 
-_MAGIC = b"LFSB"
-_FORMAT_VERSION = const(1)
-_HEADER = "<4sHHI"  # magic, format version, record size, capacity; crc at _CRC_AT
-_JOURNAL_ENTRY = "<IIH"  # tail lsn, head lsn, crc of the first 8 bytes
-_JOURNAL_SIZE = const(10)
+JOURNAL_ENTRY = "<IIH"  # tail lsn, head lsn, crc of the first 8 bytes
+JOURNAL_SIZE = const(10)
 JOURNAL_MAX = const(400)  # entries per journal file before switching to the other one
-_READ_CHUNK = const(16)  # flash records read per file read while encoding
+READ_CHUNK = const(16)  # flash records read per file read while encoding (and recovering)
 # Longest encoding of one record: [u32,u32,u32,i32,i16,i16,u16], plus a separating comma.
 _JSON_RECORD_MAX = const(67)
 
@@ -86,25 +83,25 @@ def crc16(buf, start, end):
     return crc
 
 
-def _seal(buf, off, end):
+def seal(buf, off, end):
     """Write the CRC of buf[off:end] little-endian at buf[end]."""
     crc = crc16(buf, off, end)
     buf[end] = crc & 0xFF
     buf[end + 1] = crc >> 8
 
 
-def _sealed(buf, off, end):
+def sealed(buf, off, end):
     return crc16(buf, off, end) == buf[end] | buf[end + 1] << 8
 
 
-def _remove(path):
+def remove_file(path):
     try:
         os.remove(path)
     except OSError:
         pass
 
 
-def _u32(buf, at):
+def u32(buf, at):
     return buf[at] | buf[at + 1] << 8 | buf[at + 2] << 16 | buf[at + 3] << 24
 
 
@@ -134,15 +131,21 @@ class Store:
         self._out_view = memoryview(self._out_buf)
         self._out_len = 0
         self._digits = bytearray(10)
-        self._chunk = bytearray(_READ_CHUNK * RECORD_SIZE)
-        self._journal_buf = bytearray(_JOURNAL_SIZE)
+        self._chunk = bytearray(READ_CHUNK * RECORD_SIZE)
+        self._journal_buf = bytearray(JOURNAL_SIZE)
         self.path = path
         self._file = None
         self._journal = None
         self._journal_index = 0
         self._journal_entries = 0
         if flash_samples:
-            self._open_flash(flash_samples)
+            # opening (and recovering) the ring is boot-time code: loaded for it, then unloaded
+            import sys
+
+            import store_open
+
+            store_open.open_ring(self, flash_samples)
+            sys.modules.pop("store_open")
 
     # --- the sampling side ---------------------------------------------------------------
 
@@ -221,8 +224,8 @@ class Store:
                 run = end - index
                 if run > flash - index:
                     run = flash - index
-                if run > _READ_CHUNK:
-                    run = _READ_CHUNK
+                if run > READ_CHUNK:
+                    run = READ_CHUNK
                 if run > self.capacity - slot:
                     run = self.capacity - slot
                 chunk = self._chunk
@@ -343,7 +346,7 @@ class Store:
             for k in range(run):
                 off = (first + k) * RECORD_SIZE
                 struct.pack_into("<I", ram, off, lsn + k)
-                _seal(ram, off, off + _CRC_AT)
+                seal(ram, off, off + CRC_AT)
             f.seek((1 + slot) * RECORD_SIZE)
             f.write(self._ram_view[first * RECORD_SIZE : (first + run) * RECORD_SIZE])
             lsn += run
@@ -466,147 +469,17 @@ class Store:
         return got or 0
 
     def _valid(self, buf, off, lsn):
-        return _u32(buf, off) == lsn and _sealed(buf, off, off + _CRC_AT)
-
-    def _slot_holds(self, lsn):
-        got = self._read_slots(lsn % self.capacity, 1)
-        return got == RECORD_SIZE and self._valid(self._chunk, 0, lsn)
-
-    def _open_flash(self, capacity):
-        path = self.path
-        try:
-            f = open(path, "r+b")  # noqa: SIM115 - open for the store's lifetime
-        except OSError:
-            f = None
-        file_capacity = self._read_header(f) if f is not None else 0
-        if not file_capacity:
-            if f is not None:
-                f.close()
-            self._create(capacity, 0)
-            return
-        self._file = f
-        self.capacity = file_capacity
-        entry = self._read_journals()
-        if entry is None:
-            self._scan()
-        else:
-            tail, head = entry
-            head = self._find_head(head)
-            if tail < head - file_capacity:
-                tail = head - file_capacity
-            self._tail = tail
-            self._head = head
-        if file_capacity != capacity and self._head == self._tail:
-            # The configured size changed: it takes effect once the old ring is empty, so no
-            # sample is lost to a resize.
-            f.close()
-            self._file = None
-            self._create(capacity, self._head)
-
-    def _find_head(self, lsn):
-        """The first lsn from `lsn` on that was never written. A damaged record followed by
-        valid ones (a flipped bit, not a torn write at the head) does not end the ring: it is
-        skipped and counted when read."""
-        while True:
-            if self._slot_holds(lsn):
-                lsn += 1
-                continue
-            for ahead in range(1, _READ_CHUNK + 1):
-                if self._slot_holds(lsn + ahead):
-                    lsn += ahead + 1
-                    break
-            else:
-                return lsn
-
-    def _read_header(self, f):
-        header = self._chunk
-        f.seek(0)
-        if f.readinto(header, RECORD_SIZE) != RECORD_SIZE or not _sealed(header, 0, _CRC_AT):
-            return 0
-        magic, version, record_size, capacity = struct.unpack_from(_HEADER, header, 0)
-        if magic != _MAGIC or version != _FORMAT_VERSION or record_size != RECORD_SIZE:
-            return 0
-        return capacity
-
-    def _create(self, capacity, lsn):
-        """A new, empty ring file whose next record is number lsn."""
-        header = bytearray(RECORD_SIZE)
-        struct.pack_into(_HEADER, header, 0, _MAGIC, _FORMAT_VERSION, RECORD_SIZE, capacity)
-        _seal(header, 0, _CRC_AT)
-        with open(self.path, "wb") as f:
-            f.write(header)
-        self._file = open(self.path, "r+b")  # noqa: SIM115 - open for the store's lifetime
-        self.capacity = capacity
-        self._tail = lsn
-        self._head = lsn
-        for index in (0, 1):
-            _remove(self._journal_path(index))
-        self._journal = None
-        self._journal_entries = JOURNAL_MAX  # the first entry starts a fresh journal file
-        self._write_journal()
-
-    def _scan(self):
-        """Recovery without a journal: the newest valid record, then back while contiguous."""
-        cap = self.capacity
-        newest = -1
-        slot = 0
-        while slot < cap:
-            run = cap - slot if cap - slot < _READ_CHUNK else _READ_CHUNK
-            got = self._read_slots(slot, run)
-            if got < RECORD_SIZE:
-                break
-            for j in range(got // RECORD_SIZE):
-                off = j * RECORD_SIZE
-                lsn = _u32(self._chunk, off)
-                if lsn > newest and lsn % cap == slot + j and _sealed(self._chunk, off, off + _CRC_AT):
-                    newest = lsn
-            slot += run
-        if newest < 0:
-            self._tail = self._head = 0
-            return
-        tail = newest
-        while tail > 0 and tail > newest - cap + 1 and self._slot_holds(tail - 1):
-            tail -= 1
-        self._tail = tail
-        self._head = newest + 1
-        self._journal_entries = JOURNAL_MAX
-        self._write_journal()
+        return u32(buf, off) == lsn and sealed(buf, off, off + CRC_AT)
 
     # --- the journal of (tail, head) -----------------------------------------------------
 
     def _journal_path(self, index):
         return "%s.j%d" % (self.path, index)
 
-    def _read_journals(self):
-        """The newest valid (tail, head) of both journal files; remembers which file has it."""
-        best = None
-        buf = self._journal_buf
-        for index in (0, 1):
-            try:
-                f = open(self._journal_path(index), "rb")  # noqa: SIM115 - closed in finally
-            except OSError:
-                continue
-            try:
-                entries = f.seek(0, 2) // _JOURNAL_SIZE
-                k = entries
-                while k > 0:
-                    k -= 1
-                    f.seek(k * _JOURNAL_SIZE)
-                    if f.readinto(buf) == _JOURNAL_SIZE and _sealed(buf, 0, 8):
-                        tail, head, _ = struct.unpack_from(_JOURNAL_ENTRY, buf, 0)
-                        if tail <= head and (best is None or (tail, head) > best):
-                            best = (tail, head)
-                            self._journal_index = index
-                            self._journal_entries = entries
-                        break
-            finally:
-                f.close()
-        return best
-
     def _write_journal(self):
         buf = self._journal_buf
-        struct.pack_into(_JOURNAL_ENTRY, buf, 0, self._tail, self._head, 0)
-        _seal(buf, 0, 8)
+        struct.pack_into(JOURNAL_ENTRY, buf, 0, self._tail, self._head, 0)
+        seal(buf, 0, 8)
         if self._journal_entries >= JOURNAL_MAX:
             # Start the other file with this entry, then drop the full one: at every moment one
             # of the two holds the newest entry (both are read on open, the larger pair wins).
@@ -617,7 +490,7 @@ class Store:
             self._journal_index = 1 - old
             with open(self._journal_path(self._journal_index), "wb") as f:
                 f.write(buf)
-            _remove(self._journal_path(old))
+            remove_file(self._journal_path(old))
             self._journal_entries = 1
             return
         if self._journal is None:
