@@ -18,10 +18,10 @@
 #               "ambient": "SHT30" | "SHT20" | null,
 #               "sht30_address": 68},    # 0x44 (ADDR low) or 0x45 (ADDR high)
 #   "pins": {"i2c_scl": 5, "i2c_sda": 4, "spi_cs": 15, "sqw": 2, "button": 0, "safe_mode": 13},
-#   "buffer": {"ram_samples": 120,      # RAM queue in front of the flash spill file
+#   "buffer": {"ram_samples": 60,       # RAM queue in front of the flash spill file
 #              "flash_samples": 21600,  # flash ring capacity (6 h at 1 Hz by default)
 #              "flush_s": 10,           # longest a sample stays in RAM only (the reset-loss bound)
-#              "batch": 60,             # most samples in one MQTT publish
+#              "batch": 30,             # most samples in one MQTT publish
 #              "resend_s": 8},          # acknowledged samples are kept this long and sent again
 #                                       # if the connection breaks: more than the broker's
 #                                       # autosave_interval (mosquitto acknowledges, then saves)
@@ -66,7 +66,9 @@ DEFAULTS = {  # type: dict[str, Any]
     "topic_prefix": "labfleet",
     "sensors": {"thermocouple": "MAX6675", "ambient": "SHT30", "sht30_address": 0x44},
     "pins": DEFAULT_PINS,
-    "buffer": {"ram_samples": 120, "flash_samples": 21600, "flush_s": 10, "batch": 60, "resend_s": 8},
+    # RAM is what an ESP8266 lacks most: 60 samples (28 bytes each) are six flush intervals, and
+    # batches of 30 (up to 67 bytes each in the payload buffer) replay a backlog far beyond 20x
+    "buffer": {"ram_samples": 60, "flash_samples": 21600, "flush_s": 10, "batch": 30, "resend_s": 8},
     "health_s": 60,
     "resync_s": 86400,
 }

@@ -170,7 +170,12 @@ def test_an_hour_at_60x_every_second_once_with_the_chips_values(
     assert info[0]["sensors"] == {"tc": {"type": "MAX6675", "ok": True}, "amb": {"type": "SHT30", "ok": True}}
     assert info[0]["time"]["sync"] == "ok" and info[0]["time"]["osf"] is False
     assert info[0]["mac"] == ":".join(f"{b:02x}" for b in board.spec.mac)
-    assert info[0]["buffer"] == {"ram": 120, "flash": 21600, "flush_s": 10}
+    defaults = fwconfig.DEFAULTS["buffer"]
+    assert info[0]["buffer"] == {
+        "ram": defaults["ram_samples"],
+        "flash": defaults["flash_samples"],
+        "flush_s": defaults["flush_s"],
+    }
     health = watcher.json_of(protocol.HEALTH)
     assert 58 <= len(health) <= 62  # every 60 s
     for h in health:
