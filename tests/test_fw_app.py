@@ -555,6 +555,29 @@ def assert_repl_works(board: Board) -> None:
         term.close()
 
 
+@pytest.mark.speed(1)
+def test_the_boot_time_modules_are_unloaded_once_the_app_runs(
+    lab: Fleet, build: Path, mosquitto: Mosquitto, watcher: Watcher
+) -> None:
+    """The code only boot needs gives its heap back (an ESP8266 has ~36 KB): seen from the REPL
+    after Ctrl-C stopped the running app (real time: the watchdog resets the board 5 s later)."""
+    from tests.vboard_support import SerialClient
+
+    board = start_board(lab, build, mosquitto)
+    watcher.wait_for(lambda w: len(w.samples) > 0, 60, "the first sample")
+    term = SerialClient(board.console.port)
+    try:
+        term.send(b"\x03")
+        term.read_until(b">>> ")
+        term.send(b"import sys; print('MODULES', ' '.join(sorted(sys.modules)), 'END')\r")
+        out = term.read_until(b" END").decode()
+    finally:
+        term.close()
+    loaded = set(out[out.rindex("MODULES ") + len("MODULES ") : -len(" END")].split())
+    assert {"app", "store", "mqtt", "sampler", "timesync", "drivers.ds3231"} <= loaded, loaded
+    assert not {"start", "config", "appinit", "store_open", "protocol"} & loaded, loaded
+
+
 @pytest.mark.speed(5)
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_a_bad_config_means_safe_mode_with_the_reasons_on_the_console(
