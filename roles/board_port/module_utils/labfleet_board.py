@@ -190,20 +190,27 @@ class BoardSession:
     `resume`. A board that misses the Ctrl-C (resetting in a loop) is held at its REPL first and
     tried once more, as run_mpremote does."""
 
+    # A board at its REPL or in its app answers within a second (the app reacts to Ctrl-C
+    # within its longest blocking call, the MQTT connect's 2 s). One that resets meanwhile (its
+    # watchdog fired, it crash-loops) boots its app again and never answers: the first try gives
+    # up after this, not after mpremote's 10 s, and break_in holds the board for the second.
+    FIRST_TRY_S = 3.0
+    RETRY_S = 10.0  # mpremote's own
+
     def __init__(self, port: str, soft_reset: bool = True) -> None:
         self.port = port
         self.transport: Any = None  # mpremote's SerialTransport while connected
         try:
-            self._open(soft_reset)
+            self._open(soft_reset, self.FIRST_TRY_S)
         except BoardNotConnected:
             raise
         except BoardError as e:
             if "could not enter raw repl" not in str(e):
                 raise
             break_in(port)
-            self._open(soft_reset)
+            self._open(soft_reset, self.RETRY_S)
 
-    def _open(self, soft_reset: bool) -> None:
+    def _open(self, soft_reset: bool, timeout: float) -> None:
         try:
             from mpremote.transport import TransportError
             from mpremote.transport_serial import SerialTransport
@@ -222,7 +229,7 @@ class BoardSession:
         # board that stops answering must not hang this one.
         self.transport.serial.timeout = 10
         try:
-            self._call("connect", self.transport.enter_raw_repl, soft_reset)
+            self._call("connect", self.transport.enter_raw_repl, soft_reset, timeout)
         except BoardError:
             self.close()
             raise
