@@ -422,9 +422,6 @@ def run(box):
     del appinit
     sys.modules.pop("appinit")
     gc.collect()
-    # the watchdog starts once the store is open: recovering a flash ring without its journal
-    # reads the whole ring, which may take seconds on a board
-    app.wdt = machine.WDT()
     from mqtt import MQTTClient
     from sampler import Sampler
     from timesync import TimeSync
@@ -458,4 +455,7 @@ def run(box):
         # or, if NTP stays out of reach, flagged unsynced after BOOT_SYNC_WAIT_MS
         sampler.enabled = False
         sampler.flags = FLAG_TIME_UNSYNCED
+    # The watchdog starts with the loop that feeds it: boot before it (recovering a flash ring
+    # without its journal reads the whole ring, loading the modules, the DS3231) may take seconds.
+    app.wdt = machine.WDT()
     app.loop()
