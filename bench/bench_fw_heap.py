@@ -44,7 +44,13 @@ KIB = 1024
 
 
 def run(
-    build: Path, work: Path, heap_kib: int, speed: float, seconds: float, outage: float
+    build: Path,
+    work: Path,
+    heap_kib: int,
+    speed: float,
+    seconds: float,
+    outage: float,
+    romfs: bytes | None = None,
 ) -> dict[str, Any]:
     """One board for `seconds` simulated seconds with a WiFi outage of `outage` seconds in the
     middle; whether it ran without a MemoryError (or any other crash), and what it reported."""
@@ -54,7 +60,9 @@ def run(
         watcher = Watcher(broker.port, clock=fleet.clock.now).start()
         try:
             cfg = board_config(name, broker.port, SSID, PASSWORD)
-            board = add_board(fleet, BoardSpec(name=name, rtc_set=True, heapsize=f"{heap_kib}K"), build, cfg)
+            board = add_board(
+                fleet, BoardSpec(name=name, rtc_set=True, heapsize=f"{heap_kib}K"), build, cfg, romfs
+            )
             start = fleet.clock.now()
             ap = fleet.lan.access_points[SSID]
             down = start + (seconds - outage) / 2

@@ -6,6 +6,9 @@ firmware module compiled with mpy-cross (flat, `drivers/` as a package), `boot.p
 as source (MicroPython runs only those names at boot). `add_board(fleet, spec, build, cfg)` puts
 that and a `config.json` on a new virtual board's flash before it first boots (so the board
 never runs anything else); `install(board, build, cfg)` onto a running one (reset it then).
+`romfs_image(build)` is the other deployment form: the compiled modules in a ROMFS image, for a
+FLASH_2M_ROMFS board (`add_board(..., romfs=image)` writes it into the board's partition, and
+only boot.py, main.py and config.json onto its filesystem).
 `Watcher` is a paho-mqtt subscriber with a persistent QoS 1 session (nothing the broker
 accepted is missed, even across a broker restart) that keeps every message and the samples of
 the data topic in arrival order.
@@ -13,10 +16,13 @@ the data topic in arrival order.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from mpremote.romfs import make_romfs
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware import config as fwconfig
 from firmware import protocol
 from tests.fw_run import FIRMWARE, mpy_cross
+from vboard import esprom
 from vboard.board import Board
 from vboard.fleet import Fleet
 from vboard.spec import BoardSpec, board_workdir
@@ -78,10 +86,23 @@ def board_config(device: str, broker_port: int, ssid: str, password: str, **over
     return cfg
 
 
-def write_flash(flash_dir: Path, build: Path, cfg: dict[str, Any] | str | None) -> None:
-    """The built firmware and config.json (a dict, raw text, or None for no file) into flash_dir."""
+def romfs_image(build: Path) -> bytes:
+    """The compiled modules of a build_firmware() folder as a ROMFS image (`mpremote romfs build`)."""
+    with tempfile.TemporaryDirectory(prefix="fw-romfs-") as tmp:
+        shutil.copytree(build, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SOURCE_NAMES))
+        with contextlib.redirect_stdout(io.StringIO()):
+            return bytes(make_romfs(tmp, mpy_cross=False))
+
+
+def write_flash(flash_dir: Path, build: Path, cfg: dict[str, Any] | str | None, code: bool = True) -> None:
+    """The built firmware (only boot.py and main.py unless `code`) and config.json (a dict, raw
+    text, or None for no file) into flash_dir."""
     flash_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(build, flash_dir, dirs_exist_ok=True)
+    if code:
+        shutil.copytree(build, flash_dir, dirs_exist_ok=True)
+    else:
+        for name in SOURCE_NAMES:
+            shutil.copyfile(build / name, flash_dir / name)
     target = flash_dir / fwconfig.CONFIG_FILE
     if cfg is None:
         target.unlink(missing_ok=True)
@@ -93,9 +114,25 @@ def install(board: Board, build: Path, cfg: dict[str, Any] | str | None) -> None
     write_flash(board.flash_dir, build, cfg)
 
 
-def add_board(fleet: Fleet, spec: BoardSpec, build: Path, cfg: dict[str, Any] | str | None) -> Board:
-    """A new board whose flash holds the firmware from its very first boot."""
-    write_flash(board_workdir(fleet.workdir, spec.name) / "flash", build, cfg)
+def add_board(
+    fleet: Fleet, spec: BoardSpec, build: Path, cfg: dict[str, Any] | str | None, romfs: bytes | None = None
+) -> Board:
+    """A new board whose flash holds the firmware from its very first boot: the build's files,
+    or with `romfs` (a romfs_image()) a FLASH_2M_ROMFS firmware with that image in its partition
+    and only boot.py, main.py and the config on its filesystem."""
+    workdir = board_workdir(fleet.workdir, spec.name)
+    if romfs is not None:
+        spec.firmware_variant = esprom.ROMFS_VARIANT
+        spec.validate()
+        factory = esprom.factory_flash(
+            spec.flash_bytes, spec.mpy_version, spec.mpy_date, spec.firmware_variant
+        )
+        image = bytearray(factory)
+        assert len(romfs) <= esprom.ROMFS_SIZE, f"a ROMFS image of {len(romfs)} bytes exceeds the partition"
+        image[esprom.ROMFS_OFFSET : esprom.ROMFS_OFFSET + len(romfs)] = romfs
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "flash.bin").write_bytes(image)
+    write_flash(workdir / "flash", build, cfg, code=romfs is None)
     return fleet.add(spec)
 
 

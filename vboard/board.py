@@ -54,6 +54,12 @@ HARD_RESET = 6
 # (Board.heap_at_boot), so they get their own allowance on top.
 ESP8266_EQUIVALENT_HEAP = 64 * 1024
 HAL_HEAP_OVERHEAD = 72 * 1024
+# A firmware with a ROMFS partition has it memory-mapped on the chip; this port cannot map a
+# file, so the ROM copies the partition into the heap before boot. The heap gets that much more
+# (plus the GC's allocation tables for it) so that a spec's heapsize means the same with or
+# without ROMFS, and the ROM reports the heap at boot without the copy.
+GC_TABLE_OVERHEAD = 1.04
+HEAP_UNITS = {"": 1, "K": 1024, "M": 1024 * 1024}
 WDT_TIMEOUT_MS = 5000  # fixed on the ESP8266
 SYNC_WINDOW_BYTES = 128  # console input kept to spot an esptool SYNC split across reads
 
@@ -115,7 +121,6 @@ class Board:
         self.at_repl = asyncio.Event()  # set when boot.py and main.py are done and the REPL waits
         self._boot_waiters: list[Callable[[], None]] = []
         self._init_serial_loader()
-        self.heapsize = self._heapsize()
         self.rom_dir = Path()
         self.heap_at_boot: tuple[int, int] | None = None  # (allocated, free) before boot.py
         self._build_hardware()
@@ -131,10 +136,19 @@ class Board:
         """The ESP8266's RTC counts from 2000-01-01 00:00:00 at power-up."""
         return -(self.clock.now_us() - ESP_EPOCH_OFFSET_S * 1_000_000)
 
-    def _heapsize(self) -> str:
-        if self.spec.heapsize == "auto":
-            return str(ESP8266_EQUIVALENT_HEAP + HAL_HEAP_OVERHEAD)
-        return self.spec.heapsize
+    @property
+    def heapsize(self) -> int:
+        """-X heapsize for the next boot, in bytes: the spec's heap plus the mapped ROMFS."""
+        text = self.spec.heapsize
+        if text == "auto":
+            heap = ESP8266_EQUIVALENT_HEAP + HAL_HEAP_OVERHEAD
+        else:
+            digits = text.rstrip("KMkm")
+            heap = int(digits) * HEAP_UNITS[text[len(digits) :].upper()]
+        romfs = self.firmware.romfs_partition(self.spec.flash_bytes)
+        if romfs is not None:
+            heap += int(romfs[1] * GC_TABLE_OVERHEAD)
+        return heap
 
     def _build_hardware(self) -> None:
         spec = self.spec
@@ -260,6 +274,7 @@ class Board:
             "fw_size": 0,
             "fw_md5": "",
             "soft": soft,
+            "romfs": self.firmware.romfs_partition(spec.flash_bytes),
         }
 
     async def _run(self) -> None:
@@ -680,7 +695,9 @@ class Board:
 
     def _init_serial_loader(self) -> None:
         self.loader: esprom.EspRomLoader | None = None  # set while the chip is in its bootloader
-        self.firmware = esprom.BootImage(self.spec.mpy_version, self.spec.mpy_date, "")
+        self.firmware = esprom.BootImage(
+            self.spec.mpy_version, self.spec.mpy_date, "", self.spec.firmware_variant
+        )
         self._sync_window = b""
         self._loader_exit = asyncio.Event()
         self.console.on_disconnect = self._leave_loader
@@ -695,7 +712,8 @@ class Board:
                 head = f.read(esprom.SECTOR)
         if not head.strip(b"\x00"):
             spec = self.spec
-            self.flash_image.write_bytes(esprom.factory_flash(size, spec.mpy_version, spec.mpy_date))
+            image = esprom.factory_flash(size, spec.mpy_version, spec.mpy_date, spec.firmware_variant)
+            self.flash_image.write_bytes(image)
         elif self.flash_image.stat().st_size != size:
             with self.flash_image.open("r+b") as f:
                 f.truncate(min(size, self.flash_image.stat().st_size))

@@ -124,6 +124,13 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Seed of the simulated physical signals.")
 @click.option("--heapsize", default=None, help="MicroPython -X heapsize (e.g. 96K; default auto).")
 @click.option(
+    "--firmware-variant",
+    type=click.Choice(["default", "FLASH_2M_ROMFS"]),
+    default=None,
+    help="ESP8266_GENERIC variant a new board comes with; FLASH_2M_ROMFS maps a ROMFS partition "
+    "(mpremote romfs deploy) at /rom.",
+)
+@click.option(
     "--flash-from",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Copy this directory onto the board's flash before it starts (e.g. build/lab-01).",
@@ -138,6 +145,7 @@ def run(
     ambient: str | None,
     seed: int | None,
     heapsize: str | None,
+    firmware_variant: str | None,
     flash_from: Path | None,
     workdir: Path | None,
 ) -> None:
@@ -157,6 +165,8 @@ def run(
             overrides["seed"] = seed
         if heapsize is not None:
             overrides["heapsize"] = heapsize
+        if firmware_variant is not None:
+            overrides["firmware_variant"] = "" if firmware_variant == "default" else firmware_variant
         for key, value in overrides.items():
             setattr(spec, key, value)
         spec.validate()

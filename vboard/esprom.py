@@ -34,7 +34,10 @@ segment checksum it prints the load lines and ``csum err``; a valid image boots,
 contains a MicroPython banner string (``MicroPython v1.27.0 on 2025-12-09``) the board runs
 MicroPython reporting that release (os.uname(), the REPL banner). A valid image without one
 is some other firmware: the board stays silent. A new board's flash holds a synthetic
-MicroPython image of its spec's release (`factory_flash`). ``erase_flash`` (and any erase that
+MicroPython image of its spec's release and variant (`factory_flash`). The variant is read from
+the build name the port keeps for ``sys.implementation._build`` (``ESP8266_GENERIC-FLASH_2M_ROMFS``):
+that variant maps a ROMFS partition (`romfs_partition`) into the address space, which the
+board's ROM mounts at ``/rom``. ``erase_flash`` (and any erase that
 touches the filesystem's sectors) also loses the board's filesystem, which on a real board
 lives in that flash; MicroPython's next boot recreates boot.py as the port does.
 
@@ -152,6 +155,12 @@ BERGMICRO = 0xE0  # the BG25Q flash of common ESP-12 modules (0x1640E0 for 4 MB)
 BOOT_LINE = " ets Jan  8 2013,rst cause:2, boot mode:(3,6)\r\n\r\n"
 MICROPYTHON_BANNER = re.compile(rb"MicroPython v(\d+\.\d+\.\d+(?:-[0-9A-Za-z.+-]+)?) on (\d{4}-\d{2}-\d{2})")
 FIRMWARE_SCAN_BYTES = 1 << 20  # MicroPython's ESP8266 firmware lives in the first MB
+# MICROPY_BOARD_BUILD_NAME, compiled into the firmware for sys.implementation._build
+BUILD_NAME = re.compile(rb"ESP8266_GENERIC(?:-([A-Z0-9_]+))?\x00")
+ROMFS_VARIANT = "FLASH_2M_ROMFS"
+# esp8266_2MiB_ROMFS.ld: FLASH_ROMFS org 0x402b0000 (flash mapped at 0x40200000), len 320K
+ROMFS_OFFSET = 0xB0000
+ROMFS_SIZE = 320 * 1024
 IROM_OFFSET = 0x9000  # where the ESP8266 port's irom0 text starts in its combined image
 
 
@@ -335,10 +344,17 @@ class BootImage:
     version: str | None  # MicroPython release in the firmware ("1.27.0"); None: not MicroPython
     date: str | None
     rom_output: str  # what the ROM prints when it does not start MicroPython
+    variant: str = ""  # the ESP8266_GENERIC build variant ("" or e.g. "FLASH_2M_ROMFS")
 
     @property
     def micropython(self) -> bool:
         return self.version is not None
+
+    def romfs_partition(self, flash_bytes: int) -> tuple[int, int] | None:
+        """(flash offset, size) of the ROMFS partition this firmware maps, if any."""
+        if self.micropython and self.variant == ROMFS_VARIANT and flash_bytes >= 2 << 20:
+            return ROMFS_OFFSET, ROMFS_SIZE
+        return None
 
 
 def inspect_boot_image(flash_head: bytes) -> BootImage:
@@ -365,7 +381,9 @@ def inspect_boot_image(flash_head: bytes) -> BootImage:
     found = MICROPYTHON_BANNER.search(flash_head)
     if found is None:
         return BootImage(None, None, "")
-    return BootImage(found.group(1).decode(), found.group(2).decode(), "")
+    build = BUILD_NAME.search(flash_head)
+    variant = build.group(1).decode() if build is not None and build.group(1) else ""
+    return BootImage(found.group(1).decode(), found.group(2).decode(), "", variant)
 
 
 def _xor_fold(data: bytes) -> int:
@@ -380,11 +398,13 @@ def _xor_fold(data: bytes) -> int:
     return folded & 0xFF
 
 
-def build_firmware_image(version: str, date: str, size: int = 0x20000, flash_params: int = 0x0000) -> bytes:
+def build_firmware_image(
+    version: str, date: str, size: int = 0x20000, flash_params: int = 0x0000, variant: str = ""
+) -> bytes:
     """A synthetic ESP8266 MicroPython firmware laid out like the port's combined .bin: a ROM
     ("v1") image of IRAM/DRAM segments at 0 padded to 0x9000, then irom0 text holding the banner
-    string. `flash_params` is header bytes 2-3 as a little-endian word: flash mode | size and
-    frequency << 8."""
+    and build name strings. `flash_params` is header bytes 2-3 as a little-endian word: flash
+    mode | size and frequency << 8. `variant`: "" (the 2 MiB+ default) or e.g. FLASH_2M_ROMFS."""
     rng = random.Random(f"{version} {date}")
     segments = [(0x40100000, rng.randbytes(0x3000)), (0x3FFE8000, rng.randbytes(0x400))]
     head = bytearray(struct.pack("<BBHI", 0xE9, len(segments), flash_params, 0x40100004))
@@ -394,16 +414,18 @@ def build_firmware_image(version: str, date: str, size: int = 0x20000, flash_par
         state ^= checksum(data) ^ CHECKSUM_SEED
     head += b"\x00" * (15 - len(head) % 16) + bytes((state,))
     banner = f"MicroPython v{version} on {date}; ESP module with ESP8266\x00".encode()
-    irom_size = max(size - IROM_OFFSET, len(banner) + 4)
+    build = ("ESP8266_GENERIC" + (f"-{variant}" if variant else "") + "\x00").encode()
+    strings = banner + rng.randbytes(64) + build
+    irom_size = max(size - IROM_OFFSET, len(strings) + 4)
     irom = bytearray(rng.randbytes(irom_size - irom_size % 4))
     at = len(irom) // 3
-    irom[at : at + len(banner)] = banner
+    irom[at : at + len(strings)] = strings
     return bytes(head.ljust(IROM_OFFSET, b"\xff") + irom)
 
 
-def factory_flash(flash_bytes: int, version: str, date: str) -> bytes:
-    """A new board's flash: MicroPython `version` at 0, everything else erased."""
-    image = build_firmware_image(version, date)
+def factory_flash(flash_bytes: int, version: str, date: str, variant: str = "") -> bytes:
+    """A new board's flash: MicroPython `version` (`variant`) at 0, everything else erased."""
+    image = build_firmware_image(version, date, variant=variant)
     return image + b"\xff" * (flash_bytes - len(image))
 
 

@@ -8,17 +8,25 @@ keys are errors naming the key, so a typo never silently gives a board without i
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from firmware import config as fwconfig
+from vboard.esprom import ROMFS_VARIANT
 
 ESP8266_FLASH_SIZES = {"1MB": 1 << 20, "2MB": 2 << 20, "4MB": 4 << 20, "8MB": 8 << 20, "16MB": 16 << 20}
 # Filesystem size of the MicroPython ESP8266 builds per flash size (the rest is firmware).
 FS_SIZE = {1 << 20: 396 * 1024, 2 << 20: 1024 * 1024, 4 << 20: 3 * 1024 * 1024}
 DEFAULT_MPY_VERSION = "1.27.0"
 DEFAULT_MPY_DATE = "2025-12-09"
+FIRMWARE_VARIANTS = ("", ROMFS_VARIANT)
+ROMFS_SINCE = (1, 25)  # the first release with the ESP8266 ROMFS variant
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("-")[0].split(".")[:2])
 
 
 class SpecError(ValueError):
@@ -45,6 +53,9 @@ class BoardSpec:
     heapsize: str = "auto"
     mpy_version: str = DEFAULT_MPY_VERSION
     mpy_date: str = DEFAULT_MPY_DATE
+    # The ESP8266_GENERIC variant a new board comes with: "" or FLASH_2M_ROMFS (MicroPython >= 1.25,
+    # 2 MB+ flash), whose ROMFS partition holds the firmware's code, run in place from flash.
+    firmware_variant: str = ""
     adc: int = 512
     deepsleep_wake: bool = True  # GPIO16 wired to RST
 
@@ -88,6 +99,14 @@ class BoardSpec:
             raise SpecError(f"{where}: sht30_address must be 0x44 or 0x45")
         if self.flash_size not in ESP8266_FLASH_SIZES:
             raise SpecError(f"{where}: flash_size must be one of {', '.join(ESP8266_FLASH_SIZES)}")
+        if self.heapsize != "auto" and not re.fullmatch(r"[1-9][0-9]*[KkMm]?", self.heapsize):
+            raise SpecError(f"{where}: heapsize must be auto or a size such as 148K, 1M, 200000")
+        if self.firmware_variant not in FIRMWARE_VARIANTS:
+            raise SpecError(f"{where}: firmware_variant must be one of {FIRMWARE_VARIANTS}")
+        if self.firmware_variant == ROMFS_VARIANT and (
+            self.flash_bytes < 2 << 20 or _release(self.mpy_version) < ROMFS_SINCE
+        ):
+            raise SpecError(f"{where}: {ROMFS_VARIANT} needs flash_size >= 2MB and mpy_version >= 1.25")
         unknown_pins = set(self.pins) - set(fwconfig.DEFAULT_PINS)
         if unknown_pins:
             raise SpecError(f"{where}: unknown pins {sorted(unknown_pins)}")

@@ -113,6 +113,11 @@ class _Reader:
 _reader = None
 
 
+def drop_reader_buffer():
+    """Give back what one large reply grew the reader's buffer to (it keeps its largest frame)."""
+    _reader.buf = bytearray(256)
+
+
 def _write_all(sock, data):
     global _deferred
     mv = memoryview(data)

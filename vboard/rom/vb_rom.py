@@ -4,7 +4,8 @@
 # this module, compiled with mpy-cross like everything else here) in the real unix
 # port. It connects to the host, installs the simulated hardware modules under the port's
 # module names (as built-ins are: a file on the board's flash cannot shadow them), mounts the
-# board's flash directory at / and then behaves like the ESP8266 port after a reset: run
+# board's flash directory at / (and a FLASH_2M_ROMFS firmware's ROMFS partition at /rom, as the
+# port does) and then behaves like the ESP8266 port after a reset: run
 # boot.py, then main.py (unless the raw REPL asked for the soft reset), then the friendly or
 # raw REPL on the serial console (stdin/stdout, bridged to a TCP port by the host), with
 # raw-paste mode, Ctrl-C, Ctrl-D soft reboot. A soft reboot or hard reset ends this process;
@@ -15,6 +16,13 @@ import sys
 import vb_hal as hal
 
 params = hal.start(sys.argv)
+
+import vb_vfs  # noqa: E402
+
+if params["romfs"]:
+    # first, in one piece, as the flash it stands for: nothing else is in the heap yet
+    vb_vfs.map_partition(params["romfs"][0], params["romfs"][1])
+    vb_vfs.enable_rom_ioctl()
 
 import gc  # noqa: E402
 import io  # noqa: E402
@@ -30,7 +38,6 @@ import vb_select  # noqa: E402
 import vb_socket  # noqa: E402
 import vb_ssl  # noqa: E402
 import vb_time  # noqa: E402
-import vfs  # noqa: E402
 
 vb_time.rtc_offset_us = params["rtc_offset_us"]
 for _name, _mod in (
@@ -47,6 +54,7 @@ for _name, _mod in (
 ):
     sys.modules[_name] = _mod
     sys.modules["u" + _name] = _mod
+sys.modules["vfs"] = vb_vfs
 
 _stdout = sys.stdout.buffer
 _stdin = sys.stdin.buffer
@@ -339,15 +347,17 @@ def friendly_repl():
 
 
 def boot():
-    vfs.mount(vfs.VfsPosix(params["flash_dir"]), "/")
+    vb_vfs.mount(vb_vfs.VfsPosix(params["flash_dir"]), "/")
     vb_os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]
+    if vb_vfs.mount_romfs("/rom"):
+        sys.path[2:2] = ["/rom", "/rom/lib"]
     if params["first_boot"]:
         # _boot.py of the port writes this boot.py into a freshly formatted filesystem
         with open("boot.py", "wb") as f:
             f.write(FIRST_BOOT_PY)
     gc.collect()
-    hal.note("heap", gc.mem_alloc(), gc.mem_free())
+    hal.note("heap", gc.mem_alloc() - vb_vfs.mapped_bytes(), gc.mem_free())
     mode = params["repl_mode"]
     if run_file("boot.py") == "exit":
         soft_reboot(mode)

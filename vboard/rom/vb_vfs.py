@@ -1,0 +1,93 @@
+# `vfs` as on the ESP8266 port: the unix port's filesystem classes and mount, and, on a
+# FLASH_2M_ROMFS firmware, `rom_ioctl` over its ROMFS partition (ports/esp8266/vfs_rom_ioctl.c):
+# 1 -> one partition, 2 -> the partition as a memoryview, 3 (id, length) -> erase that much from
+# its start and return the minimum write size (4), 4 (id, offset, buf) -> write, anything else
+# -> -EINVAL. `mpremote romfs query/deploy` drives exactly these.
+#
+# On the chip the partition is memory-mapped flash: .mpy files in it run in place and cost no
+# heap. This port cannot map a file, so `map_partition` copies the partition into the heap
+# before boot (the host enlarged the heap by as much, vboard/board.py) and keeps the copy
+# equal to the flash through rom_ioctl's writes, as the chip's flash cache shows them.
+
+import struct
+
+import vb_esp
+import vb_hal as hal
+import vb_ipc as ipc
+import vfs as _vfs
+
+VfsFat = _vfs.VfsFat
+VfsLfs2 = _vfs.VfsLfs2
+VfsPosix = _vfs.VfsPosix
+VfsRom = _vfs.VfsRom
+mount = _vfs.mount
+umount = _vfs.umount
+
+_EINVAL = 22
+_GET_NUMBER_OF_SEGMENTS = 1
+_GET_SEGMENT = 2
+_WRITE_PREPARE = 3
+_WRITE = 4
+_MIN_WRITE = 4  # the SDK writes whole 32-bit words
+_READ_CHUNK = 4096  # a sector: the reply must fit in what the running firmware left free
+ROMFS_MAGIC = b"\xd2\xcd\x31"
+
+_offset = 0
+_mapped = None
+
+
+def map_partition(offset, size):
+    global _offset, _mapped
+    _offset = offset
+    _mapped = bytearray(size)
+    _refresh(0, size)
+    hal.drop_reader_buffer()  # the copy stands for flash: what it took is not the ROM's heap
+
+
+def mapped_bytes():
+    return len(_mapped) if _mapped is not None else 0
+
+
+def mount_romfs(path):
+    """Mount the partition's ROMFS at `path` as the port does at boot; False if none is there."""
+    if _mapped is None or _mapped[:3] != ROMFS_MAGIC:
+        return False
+    try:
+        mount(VfsRom(memoryview(_mapped)), path)
+    except OSError:
+        return False
+    return True
+
+
+def _refresh(start, length):
+    view = memoryview(_mapped)
+    end = min(start + length, len(_mapped))
+    while start < end:
+        n = min(_READ_CHUNK, end - start)
+        view[start : start + n] = hal.request(ipc.OP_FLASH_READ, struct.pack("<II", _offset + start, n))
+        start += n
+
+
+def _rom_ioctl(op, *args):
+    if op == _GET_NUMBER_OF_SEGMENTS:
+        return 1
+    if op == _GET_SEGMENT:
+        return memoryview(_mapped)
+    if op == _WRITE_PREPARE:
+        length = args[1]
+        for sector in range(_offset // vb_esp.SECTOR_SIZE, (_offset + length + 4095) // vb_esp.SECTOR_SIZE):
+            vb_esp.flash_erase(sector)
+        _refresh(0, length)
+        return _MIN_WRITE
+    if op == _WRITE:
+        at, data = args[1], bytes(args[2])
+        data += b"\xff" * (-len(data) % _MIN_WRITE)
+        vb_esp.flash_write(_offset + at, data)
+        _refresh(at, len(data))
+        return 0
+    return -_EINVAL
+
+
+def enable_rom_ioctl():
+    global rom_ioctl
+    rom_ioctl = _rom_ioctl
