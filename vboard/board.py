@@ -56,9 +56,10 @@ ESP8266_EQUIVALENT_HEAP = 64 * 1024
 HAL_HEAP_OVERHEAD = 72 * 1024
 # A firmware with a ROMFS partition has it memory-mapped on the chip; this port cannot map a
 # file, so the ROM copies the partition into the heap before boot. The heap gets that much more
-# (plus the GC's allocation tables for it) so that a spec's heapsize means the same with or
-# without ROMFS, and the ROM reports the heap at boot without the copy.
-GC_TABLE_OVERHEAD = 1.04
+# (plus the GC's allocation tables for it: 2 + 1 bits per 32-byte block, 259/256) so that a
+# spec's heapsize means the same with or without ROMFS, and the ROM reports the heap at boot
+# without the copy.
+GC_BYTES_PER_HEAP_BYTE = (259, 256)
 HEAP_UNITS = {"": 1, "K": 1024, "M": 1024 * 1024}
 WDT_TIMEOUT_MS = 5000  # fixed on the ESP8266
 SYNC_WINDOW_BYTES = 128  # console input kept to spot an esptool SYNC split across reads
@@ -147,7 +148,7 @@ class Board:
             heap = int(digits) * HEAP_UNITS[text[len(digits) :].upper()]
         romfs = self.firmware.romfs_partition(self.spec.flash_bytes)
         if romfs is not None:
-            heap += int(romfs[1] * GC_TABLE_OVERHEAD)
+            heap += romfs[1] * GC_BYTES_PER_HEAP_BYTE[0] // GC_BYTES_PER_HEAP_BYTE[1] + 256
         return heap
 
     def _build_hardware(self) -> None:
