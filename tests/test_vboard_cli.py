@@ -92,7 +92,10 @@ def test_bad_scenarios_are_refused_with_the_reason(tmp_path: Path, content: str,
 
 def test_help_documents_every_option_and_action() -> None:
     for command, expected in (
-        (["run", "--help"], ["--name", "--port", "--speed", "--scenario", "--flash-from", "--heapsize"]),
+        (
+            ["run", "--help"],
+            ["--name", "--port", "--speed", "--scenario", "--flash-from", "--heapsize", "--firmware-variant"],
+        ),
         (["fleet", "--help"], ["--limit", "--flash-from", "--workdir"]),
         (["ctl", "--help"], list(control.ACTIONS)),
     ):
