@@ -73,11 +73,25 @@ def test_board_reads_back_hashes_and_its_previous_manifest(tmp_path: Path, micro
     }
     assert state["previous"] == ["config.json"]  # gone.mpy is listed but no longer there
     assert json.loads(state["manifest"])["files"]["gone.mpy"] == ""
+    # The ROMFS form's read: files looked up only, and the partition (none in the unix port).
+    (tmp_path / "app.py").write_text("X = 1\n")
+    code = board_utils.hash_script(
+        ["config.json"], romfs_size=4096, exists=["app.mpy", "app.py", "drivers/sht3x.mpy"]
+    )
+    state = run_on_micropython(micropython_bin, tmp_path, code)
+    assert state["present"] == ["app.py", "drivers/sht3x.mpy"]
+    assert state["romfs"] == {"partition": 0, "sha256": None}
+    assert list(state["hashes"]) == ["config.json"]
 
 
 def test_board_installs_staged_files_only_when_all_verify(tmp_path: Path, micropython_bin: str) -> None:
     (tmp_path / "config.json").write_bytes(b"old config")
     (tmp_path / "old.mpy").write_bytes(b"stale")
+    (tmp_path / "drivers").mkdir()  # a package the ROMFS image now has: the folder would hide it
+    (tmp_path / "drivers" / "sht3x.mpy").write_bytes(b"stale")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "old.mpy").write_bytes(b"stale")
+    (tmp_path / "lib" / "mine.py").write_bytes(b"kept")
     (tmp_path / "config.json.new").write_bytes(b"new config")
     (tmp_path / "app.mpy.new").write_bytes(b"app")
     good = {
@@ -88,11 +102,14 @@ def test_board_installs_staged_files_only_when_all_verify(tmp_path: Path, microp
     result = run_on_micropython(micropython_bin, tmp_path, board_utils.install_script(bad, ["old.mpy"]))
     assert list(result["bad"]) == ["app.mpy"] and result["removed"] == []
     assert (tmp_path / "config.json").read_bytes() == b"old config" and (tmp_path / "old.mpy").exists()
-    result = run_on_micropython(micropython_bin, tmp_path, board_utils.install_script(good, ["old.mpy"]))
-    assert result == {"bad": {}, "removed": ["old.mpy"]}
+    stale = ["old.mpy", "drivers/sht3x.mpy", "lib/old.mpy"]
+    result = run_on_micropython(micropython_bin, tmp_path, board_utils.install_script(good, stale))
+    assert result == {"bad": {}, "removed": stale}
     assert (tmp_path / "config.json").read_bytes() == b"new config"
     assert (tmp_path / "app.mpy").read_bytes() == b"app"
     assert not (tmp_path / "old.mpy").exists() and not (tmp_path / "config.json.new").exists()
+    # a folder left empty goes; one with other files stays
+    assert not (tmp_path / "drivers").exists() and (tmp_path / "lib" / "mine.py").exists()
 
 
 def test_board_reports_its_micropython_release(tmp_path: Path, micropython_bin: str) -> None:
@@ -103,6 +120,7 @@ def test_board_reports_its_micropython_release(tmp_path: Path, micropython_bin: 
         text=True,
     ).stdout
     assert info["release"] == ".".join(version.strip("()\n").split(", ")[:3])
+    assert info["romfs"] == 0  # the unix port has no ROMFS partition
 
 
 def test_info_watcher_takes_only_a_live_info_with_the_new_config(mosquitto: Mosquitto) -> None:

@@ -18,6 +18,7 @@ Console contract (real ESP8266 MicroPython, and the virtual board speaks the sam
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import fcntl
 import glob
@@ -31,8 +32,10 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import PurePosixPath
 from typing import Any
 
 RESULT_MARK = "@@labfleet@@"  # prefixes the one JSON line a board-side script prints
@@ -40,6 +43,15 @@ RESULT_MARK = "@@labfleet@@"  # prefixes the one JSON line a board-side script p
 # while it is on the flash the board boots into safe mode, without the app and its watchdog.
 SAFE_MODE_FILE = "safemode"
 SOFT_REBOOT = b"soft reboot"
+# MicroPython's ESP8266_GENERIC variant for 2 MB+ flash (>= 1.25) whose linker script
+# (ports/esp8266/boards/esp8266_2MiB_ROMFS.ld) maps a ROMFS partition at flash offset 0xB0000;
+# the port mounts a valid image there at /rom and puts /rom before /lib on sys.path, and the
+# modules in it run in place from flash instead of being loaded into the heap. The roles' modules
+# run on hosts without the repository: this is their one copy (vboard/esprom.py is the virtual
+# board's, and a test checks they agree).
+ROMFS_VARIANT = "FLASH_2M_ROMFS"
+ROMFS_SIZE = 320 * 1024
+ROMFS_MOUNT = "/rom"
 DEFAULT_BOOT_FAILURE = r"Traceback \(most recent call last\)|[Ss]afe mode|SAFE MODE"
 
 
@@ -273,6 +285,53 @@ class BoardSession:
         self._call(f"fs cp {local} :{remote}", self.transport.fs_writefile, remote, data)
         return len(data)
 
+    def soft_reset(self) -> None:
+        """Soft-reset the board in raw-REPL mode (mpremote soft-reset): a fresh heap, without the
+        globals earlier steps left; main.py does not run."""
+        self._call("soft-reset", self.transport.enter_raw_repl, True)
+
+    # mpremote writes 4 KiB at a time. Each chunk takes several buffers of its size on the board,
+    # and at an ESP8266-sized heap (the virtual board's default) the largest free block fell to
+    # 8 KiB during a 4 KiB deploy, failing now and then; 2 KiB chunks keep a wide margin.
+    ROMFS_CHUNK = 2048
+
+    def deploy_romfs(self, image: bytes, chunk_size: int = ROMFS_CHUNK) -> int:
+        """Write a ROMFS image into the board's partition as `mpremote romfs deploy` does:
+        unmount /rom, erase as much of the partition as the image needs (rom_ioctl 3), then write
+        it chunk by chunk (rom_ioctl 4), each deflated and base64-encoded when the board can
+        inflate (mpremote's fastest path), else base64 only. Returns the bytes of code sent."""
+        prepare = (
+            "import vfs, json\n"
+            f"try:\n vfs.umount({ROMFS_MOUNT!r})\nexcept OSError:\n pass\n"
+            "from binascii import a2b_base64\n"
+            "try:\n from deflate import DeflateIO, RAW\n from io import BytesIO\n z = 1\n"
+            "except ImportError:\n z = 0\n"
+            f"print({RESULT_MARK!r} + json.dumps([vfs.rom_ioctl(3, 0, {len(image)}), z]))\n"
+        )
+        min_write, inflate = self.exec(prepare, timeout=60)
+        if min_write <= 0:
+            raise BoardError(
+                f"{self.port}: the board cannot erase its ROMFS partition (rom_ioctl 3 -> {min_write})"
+            )
+        sent = 0
+        for offset in range(0, len(image), chunk_size):
+            data = image[offset : offset + chunk_size]
+            data += bytes(-len(data) % min_write)
+            if inflate:
+                # wbits -9: the board inflates with a 512-byte window (mpremote's choice, for its heap)
+                compressor = zlib.compressobj(wbits=-9)
+                packed = binascii.b2a_base64(compressor.compress(data) + compressor.flush(), newline=False)
+                load = f"buf=DeflateIO(BytesIO(a2b_base64({packed!r})),RAW,9).read()"
+            else:
+                load = f"buf=a2b_base64({binascii.b2a_base64(data, newline=False)!r})"
+            # Two steps, as mpremote: the first one's compiled literal is freed before the write
+            # (in one step, the virtual board's ESP8266-sized heap ran out on the first chunk).
+            write = f"r=vfs.rom_ioctl(4,0,{offset},buf)\nif r:\n raise OSError(r)"
+            self.run(load)
+            self.run(write)
+            sent += len(load) + len(write)
+        return sent
+
     def hard_reset(self) -> None:
         """Reset the board (mpremote reset) and end the session."""
         self._call("reset", self.transport.exec_raw_no_follow, _HARD_RESET)
@@ -297,9 +356,36 @@ class BoardSession:
 
 # MicroPython code, run on the board. Kept to what the ESP8266 port has (os, sys, json, hashlib,
 # binascii) and small: it is sent over the serial line on every run.
+
+# The board's ROMFS partition as a memoryview, or None: a firmware without the FLASH_2M_ROMFS
+# variant has no vfs.rom_ioctl, or one that reports no partition or an empty one.
+_ROMFS_PARTITION = (
+    "def _rom():\n"
+    " try:\n"
+    "  import vfs\n"
+    "  if vfs.rom_ioctl(1) > 0:\n"
+    "   m = vfs.rom_ioctl(2, 0)\n"
+    "   if len(m):\n"
+    "    return m\n"
+    " except Exception:\n"
+    "  pass\n"
+    " return None\n"
+)
+# sha256 of the first n bytes of the partition (a ROMFS image is read in place: no copy), or
+# None when there is no partition that large. Needs hashlib and binascii.
+_ROMFS_SHA256 = (
+    _ROMFS_PARTITION + "def _romsha(n):\n"
+    " r = _rom()\n"
+    " if r is None or len(r) < n:\n"
+    "  return None\n"
+    " h = hashlib.sha256(); h.update(r[:n])\n"
+    " return binascii.hexlify(h.digest()).decode()\n"
+)
+
 # The release comes from os.uname().version ("v1.27.0 on 2025-12-09"; .release is the ESP SDK's),
-# else from sys.implementation (ports without uname).
-INFO_SCRIPT = """
+# else from sys.implementation (ports without uname). romfs: the ROMFS partition's size, 0 if none.
+INFO_SCRIPT = (
+    """
 import sys, json
 try:
     import os
@@ -311,9 +397,13 @@ try:
     mac = ':'.join('%02x' % b for b in network.WLAN(network.STA_IF).config('mac'))
 except Exception:
     mac = None
-print('@@labfleet@@' + json.dumps({'release': release,
-    'machine': getattr(sys.implementation, '_machine', sys.platform), 'mac': mac}))
 """
+    + _ROMFS_PARTITION
+    + f"""print({RESULT_MARK!r} + json.dumps({{'release': release,
+    'machine': getattr(sys.implementation, '_machine', sys.platform), 'mac': mac,
+    'romfs': len(_rom() or b'')}}))
+"""
+)
 
 
 # Board-side snippets shared by the scripts below.
@@ -333,13 +423,26 @@ _CREATE_SAFE_MODE_FILE = f"open({SAFE_MODE_FILE!r}, 'w').close()"
 _HARD_RESET = "import time, machine; time.sleep_ms(100); machine.reset()"  # what `mpremote reset` runs
 
 
-def hash_script(paths: list[str], leave_safe_mode: bool = False) -> str:
+def hash_script(
+    paths: list[str], leave_safe_mode: bool = False, romfs_size: int | None = None, exists: Sequence[str] = ()
+) -> str:
     """Code printing the board's view of its files: {"hashes": {path: sha256 hex or None},
-    "manifest": the text of the previous upload's manifest.json or None, "previous": the files
-    that manifest lists which are still on the board}. leave_safe_mode: also remove the
-    maintenance file, in the same session (see leave_safe_mode())."""
+    "present": the names of `exists` that are on the board (looked up, not read), "manifest":
+    the text of the previous upload's manifest.json or None, "previous": the files that
+    manifest lists which are still on the board}. leave_safe_mode: also remove the maintenance
+    file, in the same session (see leave_safe_mode()). romfs_size: also "romfs": {"partition":
+    its size (0: none), "sha256": of its first romfs_size bytes, or None}.
+
+    The result is written piece by piece as it is found: a board at its default heap (an
+    ESP8266's, fragmented by then) may have no room for the whole JSON text in one piece."""
+    romfs = (
+        (_ROMFS_SHA256, f"'romfs': {{'partition': len(_rom() or b''), 'sha256': _romsha({romfs_size})}}, ")
+        if romfs_size is not None
+        else ("", "")
+    )
+    head = "{" + romfs[1] + "'manifest': t, 'previous': prev}"  # then hashes and present, streamed
     return (
-        "import os, json, hashlib, binascii\n" + _SHA256_OF_FILE + "def _h(p):\n"
+        "import os, sys, json, hashlib, binascii\n" + _SHA256_OF_FILE + romfs[0] + "def _h(p):\n"
         " try:\n"
         "  f = open(p, 'rb')\n"
         " except OSError:\n"
@@ -357,16 +460,41 @@ def hash_script(paths: list[str], leave_safe_mode: bool = False) -> str:
         "  except OSError:\n"
         "   pass\n"
         "except Exception:\n"
-        " pass\n"
-        + (_REMOVE_SAFE_MODE_FILE if leave_safe_mode else "")
-        + f"print('{RESULT_MARK}' + json.dumps({{'hashes': {{p: _h(p) for p in {paths!r}}}, "
-        "'manifest': t, 'previous': prev}))\n"
+        " pass\n" + (_REMOVE_SAFE_MODE_FILE if leave_safe_mode else "") + "w = sys.stdout.write\n"
+        f"w({RESULT_MARK!r} + json.dumps({head})[:-1] + ', \"hashes\": {{')\n"
+        "s = ''\n"
+        f"for p in {paths!r}:\n"
+        " w(s + json.dumps(p) + ': ' + json.dumps(_h(p))); s = ', '\n"
+        "w('}, \"present\": [')\n"
+        "s = ''\n"
+        f"for p in {list(exists)!r}:\n"
+        " try:\n"
+        "  os.stat(p); w(s + json.dumps(p)); s = ', '\n"
+        " except OSError:\n"
+        "  pass\n"
+        "w(']}\\n')\n"
+    )
+
+
+def romfs_sha256_script(size: int) -> str:
+    """Code printing the sha256 of the first `size` bytes of the board's ROMFS partition (None:
+    no partition that large)."""
+    return (
+        "import json, hashlib, binascii\n"
+        + _ROMFS_SHA256
+        + f"print({RESULT_MARK!r} + json.dumps(_romsha({size})))\n"
     )
 
 
 def install_script(staged: dict[str, str], remove: list[str]) -> str:
     """Code that checks every staged `<path>.new` against its sha256, and only if all match
-    renames them into place and removes the stale files; prints what it did."""
+    renames them into place and removes the stale files and the folders that leaves empty (an
+    empty `drivers/` on the filesystem would hide the package of that name in /rom: MicroPython
+    takes the first folder of the name on sys.path as the package); prints what it did."""
+    folders = sorted(
+        {str(parent) for name in remove for parent in PurePosixPath(name).parents if str(parent) != "."},
+        key=lambda folder: -folder.count("/"),
+    )
     return (
         "import os, json, hashlib, binascii\n"
         f"staged = {staged!r}\n"
@@ -384,7 +512,8 @@ def install_script(staged: dict[str, str], remove: list[str]) -> str:
         "   removed.append(p)\n"
         "  except OSError:\n"
         "   pass\n"
-        f"print('{RESULT_MARK}' + json.dumps({{'bad': bad, 'removed': removed}}))\n"
+        + (f" for d in {folders!r}:\n  try:\n   os.rmdir(d)\n  except OSError:\n   pass\n" if folders else "")
+        + f"print('{RESULT_MARK}' + json.dumps({{'bad': bad, 'removed': removed}}))\n"
     )
 
 
