@@ -64,7 +64,8 @@ def expected_board_files() -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A three-board inventory built once (the first run) and built again (the second run)."""
+    """A four-board inventory (three in the files form, one in the ROMFS form) built once (the
+    first run) and built again (the second run)."""
     root = tmp_path_factory.mktemp("lab")
     inventory = write_inventory(
         root / "inventory",
@@ -87,6 +88,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                 },
                                 "board_pins": {"sqw": 14},
                             },
+                            # the ROMFS form: its modules as one image for the ROMFS partition
+                            "lab-04": {"board_port": "/dev/ttyUSB3", "micropython_variant": "FLASH_2M_ROMFS"},
                         }
                     }
                 }
@@ -134,6 +137,110 @@ def test_second_build_changes_nothing(lab: dict[str, Any]) -> None:
     assert second.total_changed() == 0, second.recap
 
 
+def test_a_romfs_board_gets_one_image_of_the_compiled_modules(
+    lab: dict[str, Any], micropython_bin: str, tmp_path: Path
+) -> None:
+    """build/lab-04 holds config.json, boot.py, main.py and firmware.romfs: the same .mpy files
+    the files-form boards get, in the image `mpremote romfs build` makes of them, which the real
+    MicroPython mounts; its manifest records the image."""
+    assert lab["first"].rc == 0, lab["first"].output[-3000:]
+    folder: Path = lab["build"] / "lab-04"
+    files_form: Path = lab["build"] / "lab-01"
+    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert on_disk == ["boot.py", "config.json", "firmware.romfs", "main.py", "manifest.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"boot.py", "config.json", "main.py"}
+    image = (folder / "firmware.romfs").read_bytes()
+    modules = sorted(name for name in expected_board_files() if name.endswith(".mpy"))
+    assert manifest["romfs"] == {
+        "file": "firmware.romfs",
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "size": len(image),
+        "modules": modules,
+    }
+    # The bytes `mpremote romfs build` makes of a folder of the files form's .mpy files.
+    compiled = tmp_path / "compiled"
+    for name in modules:
+        (compiled / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files_form / name, compiled / name)
+    built = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mpremote"),
+            "romfs",
+            "-o",
+            str(tmp_path / "ref.romfs"),
+            "build",
+            str(compiled),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert built.returncode == 0, built.stderr
+    assert (tmp_path / "ref.romfs").read_bytes() == image
+    # The real MicroPython reads the modules back from it.
+    listing = (
+        "import vfs, os, json, hashlib, binascii\n"
+        "vfs.mount(vfs.VfsRom(open('firmware.romfs', 'rb').read()), '/romtest')\n"
+        "def walk(d, out):\n"
+        " for name in os.listdir(d):\n"
+        "  p = d + '/' + name\n"
+        "  if os.stat(p)[0] & 0x4000:\n"
+        "   walk(p, out)\n"
+        "  else:\n"
+        "   h = hashlib.sha256(open(p, 'rb').read()).digest()\n"
+        "   out[p[len('/romtest/'):]] = binascii.hexlify(h).decode()\n"
+        " return out\n"
+        "print(json.dumps(walk('/romtest', {})))\n"
+    )
+    run = subprocess.run(
+        [micropython_bin, "-c", listing], cwd=folder, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {
+        name: hashlib.sha256((files_form / name).read_bytes()).hexdigest() for name in modules
+    }
+    for name in ("boot.py", "main.py"):
+        assert (folder / name).read_bytes() == (files_form / name).read_bytes()
+
+
+def test_the_romfs_form_needs_a_board_with_2mb_of_flash_and_an_image_that_fits(tmp_path: Path) -> None:
+    with pytest.raises(build_module.BuildError, match="more than the 320 KiB partition of FLASH_2M_ROMFS"):
+        big = tmp_path / "big.mpy"
+        big.write_bytes(bytes(build_module.ROMFS_SIZE))
+        build_module.romfs_image({"big.mpy": big})
+    with pytest.raises(build_module.BuildError, match=r"micropython_variant must be .* not what lab-09 set"):
+        build_module.romfs_boards([{"host": "lab-09", "device": "lab-09", "micropython_variant": "FLASH_1M"}])
+    hosts = {
+        "small": {
+            "board_port": "/dev/ttyUSB0",
+            "micropython_variant": "FLASH_2M_ROMFS",
+            "board_flash_size": "1MB",
+        },
+        "small-files": {"board_port": "/dev/ttyUSB1", "board_flash_size": "1MB"},
+        "unknown-size": {"board_port": "/dev/ttyUSB2", "micropython_variant": "FLASH_2M_ROMFS"},
+    }
+    inventory = write_inventory(
+        tmp_path / "inv", {"all": {"children": {"boards": {"hosts": hosts}}}}, {"boards": board_vars()}
+    )
+    run = run_playbook(
+        inventory, "--tags", "build", extra_vars={"labfleet_build_dir": str(tmp_path / "build")}
+    )
+    assert run.rc != 0
+    assert run.recap["small"]["failed"] == 1
+    lines = [line for line in run.output.splitlines() if "board small:" in line]
+    assert any(
+        "micropython_variant FLASH_2M_ROMFS needs 2 MB of flash or more" in line
+        and "board_flash_size is 1MB" in line
+        for line in lines
+    ), lines[:3]
+    assert not (tmp_path / "build" / "small").exists()
+    # a 1 MB board in the files form builds; a board of unknown size is left to the flash probe
+    assert run.recap["small-files"]["failed"] == 0 and run.recap["unknown-size"]["failed"] == 0
+    assert (tmp_path / "build" / "small-files" / "app.mpy").exists()
+    assert (tmp_path / "build" / "unknown-size" / "firmware.romfs").exists()
+
+
 def test_compiled_firmware_runs_on_real_micropython(lab: dict[str, Any], micropython_bin: str) -> None:
     """The .mpy files import in the real MicroPython, which accepts the rendered config."""
     folder = lab["build"] / "lab-02"
@@ -159,16 +266,21 @@ def test_check_mode_shows_a_change_and_writes_nothing(lab: dict[str, Any]) -> No
         "--check",
         "--diff",
         "--limit",
-        "lab-01",
+        "lab-01,lab-04",
         extra_vars={
             "labfleet_build_dir": str(lab["build"]),
             "wifi_networks": [{"ssid": "lab", "password": "a new wifi password"}],
+            "micropython_variant": "",  # lab-04 back to the files form
         },
     )
     assert run.rc == 0, run.output[-3000:]
     assert run.changed("lab-01") >= 1
     assert (lab["build"] / "lab-01" / "config.json").read_bytes() == before
     assert "a new wifi password" not in run.output  # secrets stay out of the diff
+    assert re.search(r"lab-04: write config\.json, app\.mpy, .*; remove firmware\.romfs", run.output)
+    assert (lab["build"] / "lab-04" / "firmware.romfs").exists() and not (
+        lab["build"] / "lab-04" / "app.mpy"
+    ).exists()
 
 
 def test_invalid_configs_name_the_board_and_the_inventory_variable(tmp_path: Path) -> None:
@@ -478,6 +590,16 @@ def test_flash_only_when_the_release_differs(tmp_path: Path) -> None:
         "0x0",
         str(image),
     ]
+
+
+def test_provisioning_and_the_virtual_board_agree_on_the_romfs_partition() -> None:
+    """The roles' one copy of the FLASH_2M_ROMFS facts (module_utils: USB hosts have no vboard)."""
+    from vboard import esprom
+
+    load_role_module("board_files", "labfleet_board_files")
+    board = sys.modules["ansible.module_utils.labfleet_board"]
+    assert (board.ROMFS_VARIANT, board.ROMFS_SIZE) == (esprom.ROMFS_VARIANT, esprom.ROMFS_SIZE)
+    assert build_module.ROMFS_SIZE == esprom.ROMFS_SIZE
 
 
 def test_provisioning_and_firmware_agree_on_the_maintenance_file() -> None:

