@@ -509,10 +509,23 @@ def test_upload_plan_sends_only_differences_and_removes_stale_files() -> None:
         "protocol.py": "old-source",  # would shadow protocol.mpy
         "drivers/sht3x.py": None,
     }
-    send, remove = files.plan(wanted, on_board, previous_present=["config.json", "app_old.mpy"])
+    shadows = files.shadowing(wanted, [])
+    assert shadows == ["drivers/sht3x.py", "protocol.py"]
+    present = [name for name in shadows if on_board.get(name) is not None]
+    send, remove = files.plan(wanted, on_board, ["config.json", "app_old.mpy"], present)
     assert send == ["config.json", "drivers/sht3x.mpy", "manifest.json"]
     assert remove == ["app_old.mpy", "protocol.py"]
-    assert files.plan(wanted, dict(wanted), previous_present=list(wanted)) == ([], [])
+    assert files.plan(wanted, dict(wanted), list(wanted), []) == ([], [])
+    # the ROMFS form: any firmware module on the filesystem would hide its copy in /rom
+    romfs_wanted = {"config.json": "c2", "boot.py": "b1", "main.py": "n1", "manifest.json": "m2"}
+    assert files.shadowing(romfs_wanted, ["app.mpy", "drivers/sht3x.mpy"]) == [
+        "app.mpy",
+        "app.py",
+        "drivers/sht3x.mpy",
+        "drivers/sht3x.py",
+    ]
+    send, remove = files.plan(romfs_wanted, dict(romfs_wanted), [], ["app.mpy", "drivers/sht3x.py"])
+    assert (send, remove) == ([], ["app.mpy", "drivers/sht3x.py"])
 
 
 # ---------------------------------------------------------------- finding ports

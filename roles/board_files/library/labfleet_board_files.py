@@ -12,6 +12,7 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.labfleet_board import (
     DEFAULT_BOOT_FAILURE,
+    ROMFS_VARIANT,
     BoardError,
     BoardNotConnected,
     BoardSession,
@@ -22,6 +23,7 @@ from ansible.module_utils.labfleet_board import (
     leave_safe_mode,
     mkdirs_script,
     restart_app,
+    romfs_sha256_script,
 )
 
 DOCUMENTATION = r"""
@@ -38,6 +40,13 @@ description:
     mid-upload keeps its old, complete file set), removes files the previous upload put there
     that the build no longer has, and a stale C(x.py) next to a new C(x.mpy) (MicroPython would
     import the .py first).
+  - A build in the ROMFS form (its manifest has C(romfs)) also has an image for the board's ROMFS
+    partition: the same session reads the sha256 of the partition's first C(size) bytes and, only
+    when it differs, writes the image with C(vfs.rom_ioctl) as C(mpremote romfs deploy) does
+    (unmount /rom, erase, write deflated chunks), then checks its sha256 on the board, before the
+    staged files are renamed into place. It removes any firmware module (C(x.mpy) or C(x.py) of a
+    module in the image) from the filesystem, which MicroPython would import instead of the one in
+    /rom. A board without a ROMFS partition fails, and keeps running what it had.
   - Restarts the application (soft reset from the friendly REPL, so main.py runs) and watches
     the console for a traceback or safe mode. Optionally waits for the board's info message on
     the broker to show the new config hash.
@@ -46,6 +55,7 @@ description:
   - Check mode reads the hashes and reports what would be sent.
 options:
   port: {description: The board's serial port or pyserial URL., type: str, required: true}
+  host: {description: "The board's inventory name, for messages (default: its device name).", type: str}
   src:
     description: The board's build folder (build/<device>/ with manifest.json).
     type: path
@@ -75,55 +85,114 @@ def sha256_file(path: Path) -> str:
 
 
 def load_build(src: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(manifest, {board path: sha256}) of everything to put on the board, manifest included."""
+    """(manifest, {board path: sha256}) of everything to put on the board's filesystem, manifest
+    included; the ROMFS image, if the manifest has one, is checked too."""
     manifest = json.loads((src / MANIFEST).read_text())
     wanted = dict(manifest["files"])
     wanted[MANIFEST] = sha256_file(src / MANIFEST)
-    for name, digest in wanted.items():
-        if name != MANIFEST and sha256_file(src / name) != digest:
+    romfs = manifest.get("romfs")
+    checks = {name: digest for name, digest in wanted.items() if name != MANIFEST}
+    if romfs:
+        checks[romfs["file"]] = romfs["sha256"]
+    for name, digest in checks.items():
+        if sha256_file(src / name) != digest:
             raise BoardError(f"{src / name} does not match its manifest: run the build again")
     return manifest, wanted
 
 
-def shadowed_sources(wanted: dict[str, str]) -> list[str]:
-    """x.py files that would shadow a wanted x.mpy (MicroPython imports the .py first)."""
-    return sorted(name[: -len(".mpy")] + ".py" for name in wanted if name.endswith(".mpy"))
+def shadowing(wanted: dict[str, str], romfs_modules: list[str]) -> list[str]:
+    """Files on the board's filesystem that MicroPython would import instead of the build's
+    modules: x.py next to a wanted x.mpy (.py is tried first), and x.py or x.mpy of a module in
+    the ROMFS image (the filesystem, "" on sys.path, comes before /rom)."""
+    names = {name[: -len(".mpy")] + ".py" for name in wanted if name.endswith(".mpy")}
+    for module in romfs_modules:
+        names.update((module, module[: -len(".mpy")] + ".py"))
+    return sorted(names - set(wanted))
 
 
 def plan(
-    wanted: dict[str, str], on_board: dict[str, str | None], previous_present: list[str]
+    wanted: dict[str, str],
+    on_board: dict[str, str | None],
+    previous_present: list[str],
+    shadows_present: list[str],
 ) -> tuple[list[str], list[str]]:
     """(files to send, files to remove) to turn what is on the board into `wanted`.
 
-    on_board: sha256 (None = absent) of every wanted file and every shadowing .py candidate;
-    previous_present: files the previous upload's manifest lists that are still on the board.
+    on_board: sha256 (None = absent) of every wanted file; previous_present: files the previous
+    upload's manifest lists that are still on the board; shadows_present: the shadowing() files
+    that are on the board.
     """
     send = [name for name, digest in sorted(wanted.items()) if on_board.get(name) != digest]
-    remove = {name for name in previous_present if name not in wanted}
-    remove.update(name for name in shadowed_sources(wanted) if on_board.get(name) is not None)
+    remove = {name for name in previous_present if name not in wanted} | set(shadows_present)
     return send, sorted(remove - set(wanted))
 
 
-def upload(board: BoardSession, src: Path, send: list[str], remove: list[str], wanted: dict[str, str]) -> int:
-    """Stage, verify and install in the session that read the hashes; returns the bytes sent.
-    (That read soft-reset the board and left it idle at its REPL: no second reset is needed.)"""
+def romfs_problem(romfs: dict[str, Any], on_board: dict[str, Any], host: str) -> str | None:
+    """Why the board cannot take the build's ROMFS image, if it cannot."""
+    if not on_board["partition"]:
+        return (
+            f"the board has no ROMFS partition (its MicroPython is not the {ROMFS_VARIANT} variant), which "
+            f"micropython_variant {ROMFS_VARIANT} needs: flash the {ROMFS_VARIANT} variant: make flash "
+            f"DEVICE={host} (micropython_firmware: the ESP8266_GENERIC-{ROMFS_VARIANT} image); nothing "
+            "was changed on the board"
+        )
+    if on_board["partition"] < romfs["size"]:
+        return (
+            f"the board's ROMFS partition has {on_board['partition']} bytes, the image {romfs['size']}: "
+            "nothing was changed on the board"
+        )
+    return None
+
+
+def upload(
+    board: BoardSession,
+    src: Path,
+    send: list[str],
+    remove: list[str],
+    wanted: dict[str, str],
+    romfs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the ROMFS image (if given), stage, verify and install in the session that read the
+    hashes; returns {sent_bytes: of the files and the image, and for the image romfs_wire_bytes:
+    the code it took on the line, romfs_s: the seconds it took to write and check}.
+    (That read soft-reset the board and left it idle at its REPL: no second reset is needed.)
+    The image goes in before the files are renamed into place: if it fails, the board keeps its
+    old files, and a module the files form left on the filesystem still hides the broken /rom."""
+    figures: dict[str, Any] = {}
+    sent = 0
+    if romfs is not None:
+        started = time.monotonic()
+        image = (src / romfs["file"]).read_bytes()
+        # The hash read's globals stay in the raw REPL and split an ESP8266-sized heap: the
+        # image's chunks get a fresh one (the board stays in raw REPL, main.py does not run).
+        board.soft_reset()
+        figures["romfs_wire_bytes"] = board.deploy_romfs(image)
+        sent += len(image)
+        written = board.exec(romfs_sha256_script(len(image)), timeout=60)
+        if written != romfs["sha256"]:
+            raise BoardError(
+                f"{board.port}: after writing the ROMFS image, its sha256 on the board is {written}, not "
+                f"{romfs['sha256']}; the files were not replaced (run the upload again)"
+            )
+        figures["romfs_s"] = round(time.monotonic() - started, 2)
     directories = sorted({str(Path(name).parent) for name in send if str(Path(name).parent) != "."})
     if directories:
         board.run(mkdirs_script(directories))
-    sent = sum(board.put(str(src / name), f"{name}.new") for name in send)
+    sent += sum(board.put(str(src / name), f"{name}.new") for name in send)
     result = board.exec(install_script({name: wanted[name] for name in send}, remove), timeout=60)
     if result["bad"]:
         raise BoardError(
             f"{board.port}: after upload, the board's copies of {', '.join(sorted(result['bad']))} have "
             "the wrong sha256; nothing was replaced (the old files are still in place)"
         )
-    return sent
+    return {**figures, "sent_bytes": sent}
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "port": {"type": "str", "required": True},
+            "host": {"type": "str"},
             "src": {"type": "path", "required": True},
             "restart": {"type": "bool", "default": True},
             "boot_watch_s": {"type": "float", "default": 2.0},
@@ -148,38 +217,53 @@ def main() -> None:
     except (OSError, ValueError, KeyError, BoardError) as e:
         module.fail_json(msg=f"cannot read the build in {src}: {e}", **result)
     result["config_hash"] = manifest.get("config_hash")
+    romfs: dict[str, Any] | None = manifest.get("romfs")
+    host = p["host"] or manifest.get("device") or src.name
+    problem = None
     started = time.monotonic()
     try:
         # Maintenance first: a running app's watchdog would reset the board mid-upload.
         enter_safe_mode(None, port)
         left_safe_mode = False
         try:
-            probe = sorted(set(wanted) | set(shadowed_sources(wanted)))
+            shadows = shadowing(wanted, romfs["modules"] if romfs else [])
             # One session for the rest: the hash read also removes the maintenance file (the
             # board stays at its REPL until restarted), then the upload, without a reset.
             with BoardSession(port) as board:
-                state = board.exec(hash_script(probe, leave_safe_mode=True), timeout=60)
+                read = hash_script(
+                    sorted(wanted), True, romfs_size=romfs["size"] if romfs else None, exists=shadows
+                )
+                state = board.exec(read, timeout=60)
                 left_safe_mode = True
                 on_board: dict[str, str | None] = state["hashes"]
-                send, remove = plan(wanted, on_board, state.get("previous") or [])
+                send, remove = plan(wanted, on_board, state.get("previous") or [], state["present"])
+                image: list[str] = []  # the ROMFS image, when the board's differs
+                before = {name: on_board.get(name) for name in send + remove}
+                after = {name: wanted[name] for name in send}
+                if romfs is not None:
+                    problem = romfs_problem(romfs, state["romfs"], host)
+                    if state["romfs"]["sha256"] != romfs["sha256"]:
+                        image = [romfs["file"]]
+                        before[romfs["file"]] = state["romfs"]["sha256"]
+                        after[romfs["file"]] = romfs["sha256"]
                 result["diff"] = {
-                    "before": "".join(f"{n} {str(on_board.get(n))[:12]}\n" for n in send + remove),
-                    "after": "".join(f"{n} {wanted[n][:12]}\n" for n in send),
+                    "before": "".join(f"{name} {str(digest)[:12]}\n" for name, digest in before.items()),
+                    "after": "".join(f"{name} {digest[:12]}\n" for name, digest in after.items()),
                 }
-                changed = bool(send or remove)
+                changed = bool(send or remove or image) and problem is None
                 if changed and not module.check_mode:
-                    result["sent_bytes"] = upload(board, src, send, remove, wanted)
-                    result["sent_files"] = send
+                    result.update(upload(board, src, send, remove, wanted, romfs if image else None))
+                    result["sent_files"] = send + image
                     result["removed"] = remove
                 elif module.check_mode:
-                    result["would_send"] = send
+                    result["would_send"] = send + image
                     result["would_remove"] = remove
         finally:
             if not left_safe_mode:
                 leave_safe_mode(None, port)
         result["upload_s"] = round(time.monotonic() - started, 2)
         watcher = None
-        if p["confirm"] and p["restart"] and not module.check_mode:
+        if p["confirm"] and p["restart"] and not module.check_mode and problem is None:
             if not (p["mqtt_host"] and p["info_topic"]):
                 module.fail_json(msg="confirm needs mqtt_host and info_topic", **result)
             watcher = InfoWatcher(
@@ -193,9 +277,14 @@ def main() -> None:
             )
         try:
             if p["restart"]:
-                result["console"] = restart_app(
-                    port, watch_s=p["boot_watch_s"], failure_regex=p["boot_failure_regex"]
-                )
+                try:
+                    result["console"] = restart_app(
+                        port, watch_s=p["boot_watch_s"], failure_regex=p["boot_failure_regex"]
+                    )
+                except BoardError as e:
+                    if problem is None:
+                        raise
+                    problem += f" (restarting what it had failed too: {e})"
             if watcher is not None:
                 expected = manifest.get("config_hash")
                 info = watcher.wait(lambda i: i.get("cfg") == expected, p["confirm_timeout_s"])
@@ -214,6 +303,8 @@ def main() -> None:
     except (BoardError, OSError, KeyError, ValueError) as e:
         module.fail_json(msg=str(e), not_connected=False, **result)
     result["elapsed_s"] = round(time.monotonic() - started, 2)
+    if problem is not None:  # nothing was written; the board runs what it had, restarted above
+        module.fail_json(msg=f"{port}: {problem}", not_connected=False, **result)
     diff = result.pop("diff")
     module.exit_json(changed=changed, diff=diff, **result)
 
