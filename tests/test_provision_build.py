@@ -580,6 +580,14 @@ def test_flash_only_when_the_release_differs(tmp_path: Path) -> None:
     )
     assert flash.needs_flash(None, "1.27.0", force=False)[0] is True
     assert flash.needs_flash({"release": "1.27.0"}, "1.27.0", force=True) == (True, "forced")
+    # the ROMFS form needs the partition the FLASH_2M_ROMFS build maps
+    assert (
+        flash.needs_flash({"release": "1.27.0", "romfs": 327680}, "1.27.0", False, "FLASH_2M_ROMFS")[0]
+        is False
+    )
+    flashing, reason = flash.needs_flash({"release": "1.27.0", "romfs": 0}, "1.27.0", False, "FLASH_2M_ROMFS")
+    assert flashing and "without a ROMFS partition" in reason and "FLASH_2M_ROMFS build" in reason
+    assert flash.needs_flash({"release": "1.27.0", "romfs": 0}, "1.27.0", False, "")[0] is False
     image = tmp_path / "esp8266.bin"
     image.write_bytes(b"\xe9" + bytes(4095))
     flash.verify_image(str(image), hashlib.sha256(image.read_bytes()).hexdigest())

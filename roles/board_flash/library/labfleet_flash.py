@@ -11,6 +11,7 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.labfleet_board import (
     INFO_SCRIPT,
+    ROMFS_VARIANT,
     BoardError,
     BoardNotConnected,
     board_exec,
@@ -23,6 +24,8 @@ short_description: Erase and write the MicroPython firmware image when the board
 description:
   - Asks the board for its MicroPython release over mpremote. A board that does not answer
     (blank, or not MicroPython) counts as a different release.
+  - A board that should run the C(FLASH_2M_ROMFS) variant (C(variant)) and has no ROMFS
+    partition is flashed too: C(image) must then be that variant's build.
   - When the release differs from C(version), or C(force) is set, verifies the image's sha256
     against C(image_sha256), then runs C(esptool --chip esp8266 erase-flash) and
     C(write-flash --flash-size detect [--flash-mode dio] 0 IMAGE), and asks the board again.
@@ -31,6 +34,10 @@ description:
 options:
   port: {description: The board's serial port or pyserial URL., type: str, required: true}
   version: {description: The MicroPython release wanted, e.g. 1.27.0., type: str, required: true}
+  variant:
+    description: The ESP8266_GENERIC variant wanted, C("") or C(FLASH_2M_ROMFS) (a ROMFS partition).
+    type: str
+    default: ""
   image: {description: Path of the firmware .bin on the USB host., type: path}
   image_sha256: {description: Pinned sha256 of the image., type: str}
   force: {description: Flash even when the release matches., type: bool, default: false}
@@ -70,14 +77,26 @@ def installed_release(mpremote: str, port: str) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
-def needs_flash(installed: dict[str, Any] | None, version: str, force: bool) -> tuple[bool, str]:
+def needs_flash(
+    installed: dict[str, Any] | None, version: str, force: bool, variant: str = ""
+) -> tuple[bool, str]:
     if force:
         return True, "forced"
     if installed is None:
         return True, "no MicroPython answers on the console"
     if installed.get("release") != version:
         return True, f"the board runs MicroPython {installed.get('release')}, not {version}"
-    return False, f"the board already runs MicroPython {version}"
+    if variant == ROMFS_VARIANT and not installed.get("romfs"):
+        return True, (
+            f"the board runs MicroPython {version} without a ROMFS partition: micropython_variant "
+            f"{ROMFS_VARIANT} needs the {ROMFS_VARIANT} build"
+        )
+    return False, f"the board already runs MicroPython {version}" + (f" {variant}" if variant else "")
+
+
+def describe(release: str, romfs: bool) -> str:
+    """How the diff shows a board's MicroPython."""
+    return f"MicroPython {release}" + (f" {ROMFS_VARIANT}" if romfs else "") + "\n"
 
 
 def verify_image(image: str, sha256: str) -> None:
@@ -120,6 +139,7 @@ def main() -> None:
         argument_spec={
             "port": {"type": "str", "required": True},
             "version": {"type": "str", "required": True},
+            "variant": {"type": "str", "default": "", "choices": ["", ROMFS_VARIANT]},
             "image": {"type": "path"},
             "image_sha256": {"type": "str"},
             "force": {"type": "bool", "default": False},
@@ -141,7 +161,7 @@ def main() -> None:
         installed = None if p["force"] else installed_release(p["mpremote"], p["port"])
     except BoardNotConnected as e:
         module.fail_json(msg=str(e), not_connected=True)
-    flash, reason = needs_flash(installed, p["version"], p["force"])
+    flash, reason = needs_flash(installed, p["version"], p["force"], p["variant"])
     result: dict[str, Any] = {
         "installed": installed,
         "reason": reason,
@@ -156,7 +176,10 @@ def main() -> None:
                 module.fail_json(msg=str(e), **result)
         module.exit_json(changed=False, **result)
     before = (installed or {}).get("release") or p["installed_release"] or "unknown"
-    diff = {"before": f"MicroPython {before}\n", "after": f"MicroPython {p['version']}\n"}
+    diff = {
+        "before": describe(before, bool((installed or {}).get("romfs"))),
+        "after": describe(p["version"], p["variant"] == ROMFS_VARIANT),
+    }
     if module.check_mode:
         module.exit_json(changed=True, diff=diff, **result)
     if not p["image"] or not p["image_sha256"]:
@@ -182,6 +205,14 @@ def main() -> None:
     if not after or after.get("release") != p["version"]:
         module.fail_json(
             msg=f"flashed, but the board reports {(after or {}).get('release')} instead of {p['version']}",
+            esptool=log,
+            **result,
+        )
+    if p["variant"] == ROMFS_VARIANT and not after.get("romfs"):
+        module.fail_json(
+            msg=f"flashed, but the board has no ROMFS partition: micropython_firmware must be the "
+            f"ESP8266_GENERIC-{ROMFS_VARIANT} build of MicroPython {p['version']} (micropython_variant is "
+            f"{ROMFS_VARIANT})",
             esptool=log,
             **result,
         )
