@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ from tests.test_provision_support import (
     vboard_available,
     vboard_command,
 )
+from vboard import esprom
 from vboard.broker import Mosquitto, find_mosquitto, free_port, wait_for_port
 from vboard.procs import stop_process
 
@@ -221,9 +223,10 @@ def summary_rows(output: str) -> dict[str, list[str]]:
     return rows
 
 
-def read_board_files(port: str, names: list[str], dest: Path) -> dict[str, bytes]:
+def read_board_files(port: str, names: list[str], dest: Path, restart: bool = True) -> dict[str, bytes]:
     """The files as they are on the board, copied back with mpremote (in safe mode, as the
-    provisioning does: the running app's watchdog would reset the board mid-copy)."""
+    provisioning does: the running app's watchdog would reset the board mid-copy); then the app
+    is restarted, or with restart=False the board left at its REPL."""
     dest.mkdir(parents=True, exist_ok=True)
     args: list[str] = []
     for i, name in enumerate(names):
@@ -234,7 +237,8 @@ def read_board_files(port: str, names: list[str], dest: Path) -> dict[str, bytes
         subprocess.run([mpremote, "connect", port, *args[:-1]], check=True, capture_output=True, timeout=120)
     finally:
         board_utils.leave_safe_mode(mpremote, port)
-        board_utils.restart_app(port)
+        if restart:
+            board_utils.restart_app(port)
     return {name: (dest / f"{i}.bin").read_bytes() for i, name in enumerate(names)}
 
 
@@ -305,22 +309,77 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         log.close()
 
 
+def flash_dir(lab: dict[str, Any], name: str) -> Path:
+    """The virtual board's filesystem, a folder on this machine (vboard: <workdir>/<board>/flash)."""
+    group = "vb-05" if name == "vb-05" else "main"
+    return Path(lab["root"]) / f"fleet-{group}" / name / "flash"
+
+
+def firmware_modules_on_the_filesystem(lab: dict[str, Any], name: str) -> list[str]:
+    folder = flash_dir(lab, name)
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix in (".mpy", ".py") and p.name not in ("boot.py", "main.py")
+    ) + sorted(p.name + "/" for p in folder.iterdir() if p.is_dir())
+
+
+def app_module_file(port: str) -> str:
+    """Where the running app was imported from: read at the REPL after Ctrl-C stopped it (its
+    watchdog resets the board a few seconds later, and the app starts again)."""
+    console = board_utils.Console(port)
+    try:
+        console.write(b"\r\x03")
+        _, stopped = console.read_until(b">>> ", 10)
+        assert stopped, f"{port}: no REPL after Ctrl-C"
+        console.write(b"import sys; print('APP', sys.modules['app'].__file__, 'END')\r")
+        out, seen = console.read_until(b" END", 5)
+        assert seen, out[-300:]
+    finally:
+        console.close()
+    found = re.search(r"APP (\S+) END", out.decode("utf-8", "replace"))
+    assert found, out[-300:]
+    return found.group(1)
+
+
 @needs_vboard
 def test_provision_the_demo_fleet_byte_for_byte(lab: dict[str, Any]) -> None:
+    """The demo lab is in the ROMFS form: config.json, boot.py, main.py and the manifest on each
+    board's filesystem, the compiled modules as one image in its ROMFS partition. vb-05 was
+    provisioned in the files form before (every .mpy on its filesystem, and a stray source
+    module no manifest lists): the ROMFS provisioning removes them, or they would hide /rom."""
+    files_form = make(
+        "upload", lab, "DEVICE=vb-05", extra={"micropython_variant": "", "board_files_restart": False}
+    )
+    assert files_form.returncode == 0, files_form.stdout[-4000:]
+    assert {"app.mpy", "drivers/", "drivers/sht3x.mpy"} <= set(
+        firmware_modules_on_the_filesystem(lab, "vb-05")
+    )
+    (flash_dir(lab, "vb-05") / "store.py").write_text("raise ImportError('the stale copy ran')\n")
+
     result = make("provision", lab)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     rows = summary_rows(result.stdout)
     assert sorted(rows) == DEMO_BOARDS and all(rows[b][1] == "changed" for b in DEMO_BOARDS), result.stdout[
         -2000:
     ]
+    assert " ".join(rows["vb-01"][6:]) == "boot.py, config.json, main.py, manifest.json, firmware.romfs"
+    assert " ".join(rows["vb-05"][6:]).startswith("manifest.json, firmware.romfs, -app.mpy, ")
 
     def compare(name: str) -> None:
         folder = lab["build"] / name
-        names = [*json.loads((folder / "manifest.json").read_text())["files"], "manifest.json"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        names = [*manifest["files"], "manifest.json"]
         port = f"socket://127.0.0.1:{7100 + int(name[-2:])}"
         on_board = read_board_files(port, names, lab["root"] / "readback" / name)
         for file_name in names:
             assert on_board[file_name] == (folder / file_name).read_bytes(), (name, file_name)
+        # the image is in the board's flash where the port maps the partition
+        image = (folder / manifest["romfs"]["file"]).read_bytes()
+        with (flash_dir(lab, name).parent / "flash.bin").open("rb") as f:
+            f.seek(esprom.ROMFS_OFFSET)
+            assert f.read(len(image)) == image, name
+        assert firmware_modules_on_the_filesystem(lab, name) == [], name
 
     with ThreadPoolExecutor(len(DEMO_BOARDS)) as pool:
         list(pool.map(compare, DEMO_BOARDS))
@@ -352,6 +411,9 @@ def test_every_board_publishes_with_its_new_config(lab: dict[str, Any]) -> None:
         client.loop_stop()
         client.disconnect()
     assert {n: seen.get(n, {}).get("cfg") for n in DEMO_BOARDS} == expected
+    # the app runs its modules from the ROMFS partition (vb-05: also after the files form)
+    for name in ("vb-01", "vb-05"):
+        assert app_module_file(f"socket://127.0.0.1:{7100 + int(name[-2:])}") == "/rom/app.mpy", name
 
 
 @needs_vboard
@@ -415,6 +477,9 @@ def test_wifi_change_reaches_every_board_then_a_second_run_sends_nothing(lab: di
     for name in DEMO_BOARDS:
         assert rows[name][1:3] == ["changed", "2"], rows[name]
         assert " ".join(rows[name][6:]) == "config.json, manifest.json", rows[name]
+        # only those bytes: not the ROMFS image, not boot.py or main.py
+        build = lab["build"] / name
+        assert int(rows[name][3]) == sum((build / f).stat().st_size for f in ("config.json", "manifest.json"))
         port = f"socket://127.0.0.1:{7100 + int(name[-2:])}"
         config = read_board_files(port, ["config.json"], lab["root"] / "wifi" / name)["config.json"]
         assert json.loads(config)["wifi"] == [{"ssid": "labfleet-demo", "password": "a-new-wifi-passphrase"}]
@@ -529,39 +594,68 @@ def test_the_real_esptool_flashes_a_board_whose_release_differs_and_then_leaves_
 ) -> None:
     """`make flash` with another MicroPython release configured: the real esptool erases vb-04
     and writes the image through the virtual board's ROM loader, the board boots that release
-    with an empty filesystem, every file is uploaded again and the board publishes; a second
-    run leaves the flash alone. (Last in this module: vb-04 runs 1.28.0 afterwards.)"""
+    with an empty filesystem, every file is uploaded again. That image is the default variant
+    (files form): the ROMFS form's upload then refuses the board, which has no ROMFS partition,
+    and `make flash` writes the FLASH_2M_ROMFS build although the release matches; the board
+    runs its modules from /rom, and a second run leaves the flash alone. (Last in this module:
+    vb-04 runs 1.28.0 afterwards.)"""
     from vboard.esprom import build_firmware_image
 
-    image = lab["root"] / "micropython-1.28.0.bin"
-    image.write_bytes(build_firmware_image("1.28.0", "2026-11-01", size=0x40000))
-    extra = {
-        "board_flash_micropython_version": "1.28.0",
-        "micropython_firmware": str(image),
-        "micropython_firmware_sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
-    }
-    first = make("flash", lab, "DEVICE=vb-04", extra=extra)
+    def image_of(variant: str) -> dict[str, Any]:
+        image = lab["root"] / f"micropython-1.28.0{variant}.bin"
+        image.write_bytes(build_firmware_image("1.28.0", "2026-11-01", size=0x40000, variant=variant))
+        return {
+            "board_flash_micropython_version": "1.28.0",
+            "micropython_firmware": str(image),
+            "micropython_firmware_sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
+        }
+
+    # The files form at the default heap does not fit: its upload does not restart the app.
+    files_form = {**image_of(""), "micropython_variant": "", "board_files_restart": False}
+    first = make("flash", lab, "DEVICE=vb-04", extra=files_form)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
     row = summary_rows(first.stdout)["vb-04"]
     assert row[1] == "changed" and row[4] == "yes", row
     # What esptool wrote is on the board's flash: the image, with the header's flash mode (dio,
     # NodeMCU) and detected size (4 MB) as esptool set them
-    flash = (lab["root"] / "fleet-main" / "vb-04" / "flash.bin").read_bytes()
-    written = image.read_bytes()
+    flash = (flash_dir(lab, "vb-04").parent / "flash.bin").read_bytes()
+    written = (lab["root"] / "micropython-1.28.0.bin").read_bytes()
     assert flash[:2] == written[:2] and flash[4 : len(written)] == written[4:]
     assert flash[2] == 0x02 and flash[3] >> 4 == 0x4, flash[:4].hex()
     port = "socket://127.0.0.1:7104"
     info = board_utils.board_exec(str(VENV_BIN / "mpremote"), port, board_utils.INFO_SCRIPT)
-    assert info["release"] == "1.28.0", info
+    assert info["release"] == "1.28.0" and info["romfs"] == 0, info
     # the erase took the files with it: all of them were uploaded again, and they are right
     build = lab["build"] / "vb-04"
     manifest = json.loads((build / "manifest.json").read_text())
     names = sorted(manifest["files"])
     assert int(row[2]) == len(names) + 1  # and the manifest
-    on_board = read_board_files(port, names, lab["root"] / "flashed")
+    on_board = read_board_files(port, names, lab["root"] / "flashed", restart=False)
     assert all(on_board[name] == (build / name).read_bytes() for name in names)
 
-    second = make("flash", lab, "DEVICE=vb-04", extra=extra)
-    assert second.returncode == 0, second.stdout[-4000:]
+    # The ROMFS form needs the partition this image does not map: a clear failure, nothing sent.
+    refused = make("upload", lab, "DEVICE=vb-04", extra={"board_files_restart": False})
+    assert refused.returncode != 0
+    row = summary_rows(refused.stdout)["vb-04"]
+    assert row[1] == "failed", row
+    status = json.loads((lab["build"] / "provision" / "status.json").read_text())["vb-04"]
+    assert "no ROMFS partition" in status["message"], status
+    assert "flash the FLASH_2M_ROMFS variant: make flash DEVICE=vb-04" in status["message"], status
+    assert status["sent_bytes"] == 0
+    assert "app.mpy" in firmware_modules_on_the_filesystem(lab, "vb-04")  # as it was
+
+    romfs = image_of("FLASH_2M_ROMFS")
+    second = make("flash", lab, "DEVICE=vb-04", extra=romfs)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
     row = summary_rows(second.stdout)["vb-04"]
+    assert row[1] == "changed" and row[4] == "yes", row  # though the release matched
+    flash = (flash_dir(lab, "vb-04").parent / "flash.bin").read_bytes()
+    assert b"ESP8266_GENERIC-FLASH_2M_ROMFS\x00" in flash[:0x40000]
+    assert "firmware.romfs" in " ".join(row[6:]), row
+    assert firmware_modules_on_the_filesystem(lab, "vb-04") == []
+    assert app_module_file(port) == "/rom/app.mpy"
+
+    third = make("flash", lab, "DEVICE=vb-04", extra=romfs)
+    assert third.returncode == 0, third.stdout[-4000:]
+    row = summary_rows(third.stdout)["vb-04"]
     assert row[1] == "unchanged" and row[4] == "no", row
