@@ -113,9 +113,13 @@ class _Reader:
 _reader = None
 
 
-def drop_reader_buffer():
-    """Give back what one large reply grew the reader's buffer to (it keeps its largest frame)."""
-    _reader.buf = bytearray(256)
+def reader_buffer_size():
+    return len(_reader.buf)
+
+
+def shrink_reader_buffer(size):
+    """Give back what large replies grew the reader's buffer to (it keeps its largest frame)."""
+    _reader.buf = bytearray(size)
 
 
 def _write_all(sock, data):

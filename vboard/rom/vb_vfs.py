@@ -39,9 +39,10 @@ _mapped = None
 def map_partition(offset, size):
     global _offset, _mapped
     _offset = offset
+    kept = hal.reader_buffer_size()
     _mapped = bytearray(size)
     _refresh(0, size)
-    hal.drop_reader_buffer()  # the copy stands for flash: what it took is not the ROM's heap
+    hal.shrink_reader_buffer(kept)  # the copy stands for flash: what it took is not the ROM's
 
 
 def mapped_bytes():
