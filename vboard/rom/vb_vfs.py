@@ -7,7 +7,7 @@
 # On the chip the partition is memory-mapped flash: .mpy files in it run in place and cost no
 # heap. This port cannot map a file, so `map_partition` copies the partition into the heap
 # before boot (the host enlarged the heap by as much, vboard/board.py) and keeps the copy
-# equal to the flash through rom_ioctl's writes, as the chip's flash cache shows them.
+# equal to the flash through rom_ioctl's erases and writes, as the chip's flash cache shows them.
 
 import struct
 
@@ -76,15 +76,24 @@ def _rom_ioctl(op, *args):
         return memoryview(_mapped)
     if op == _WRITE_PREPARE:
         length = args[1]
-        for sector in range(_offset // vb_esp.SECTOR_SIZE, (_offset + length + 4095) // vb_esp.SECTOR_SIZE):
+        first = _offset // vb_esp.SECTOR_SIZE
+        last = (_offset + length + vb_esp.SECTOR_SIZE - 1) // vb_esp.SECTOR_SIZE
+        for sector in range(first, last):
             vb_esp.flash_erase(sector)
-        _refresh(0, length)
+        # what the cache now shows, updated here: reading it back would take heap the chip's
+        # in-place flash access does not
+        m = _mapped
+        for i in range(min((last - first) * vb_esp.SECTOR_SIZE, len(m))):
+            m[i] = 0xFF
         return _MIN_WRITE
     if op == _WRITE:
-        at, data = args[1], bytes(args[2])
-        data += b"\xff" * (-len(data) % _MIN_WRITE)
+        at, data = args[1], args[2]
+        if len(data) % _MIN_WRITE:
+            data = bytes(data) + b"\xff" * (-len(data) % _MIN_WRITE)
         vb_esp.flash_write(_offset + at, data)
-        _refresh(at, len(data))
+        m = _mapped
+        for i in range(min(len(data), len(m) - at)):
+            m[at + i] &= data[i]  # NOR flash: a write only clears bits
         return 0
     return -_EINVAL
 
