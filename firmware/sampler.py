@@ -6,6 +6,9 @@
 # (one SPI frame) and starts the ambient conversion, then polls the ambient sensor when its
 # conversion time has passed (SHT20: temperature, then humidity), never sleeping, so a slow
 # sensor cannot make an edge be missed. A sensor that fails gives null and a protocol flag.
+# The one wait: a thermocouple read less than its conversion time after the previous one (that
+# sample was late, its read came just before this edge) would get the previous conversion, so
+# it waits for the running one first (at most 220 ms, edges still counted while it sleeps).
 #
 # Time: the rising edge comes 500 ms into the DS3231 second it belongs to. The sampler reads the
 # DS3231 once, right after an edge (the "anchor", which is not sampled itself), and from then on
@@ -74,6 +77,7 @@ class Sampler:
         self._t = 0  # the sample in progress: its second, the ticks of its edge, its kT
         self._ticks = 0
         self._kt = None
+        self._tc_at = time.ticks_ms()  # the thermocouple's conversion runs since (CS high)
         self._behind = 0  # samples in a row the DS3231 showed the next second
         self._flags = 0
         self.last_t = None  # the second of the newest sample
@@ -207,11 +211,16 @@ class Sampler:
         self._ticks = ticks
         flags = self.flags
         kt = None
-        if self.tc is not None:
+        tc = self.tc
+        if tc is not None:
+            wait = tc.conversion_ms - time.ticks_diff(time.ticks_ms(), self._tc_at)
+            if wait > 0:
+                time.sleep_ms(wait)
             try:
-                kt = self.tc.read()
+                kt = tc.read()
             except SensorError as e:
                 flags |= tc_flag(e)
+            self._tc_at = time.ticks_ms()
         amb = self.amb
         wait = 0
         if amb is not None:

@@ -52,6 +52,7 @@ class RTC:
         return (2023, 11, 14, s // 3600 % 24, s // 60 % 60, s % 60)
 
 class TC:
+    conversion_ms = 0
     def read(self):
         return RTC.second % 1000 * 100  # a value that says which second it was measured in
 
@@ -199,4 +200,34 @@ edge({T0} + 3); run()
     assert seconds(got) == list(range(T0 + 1, T0 + 4))
     assert late(got) == [T0 + 1]
     assert got[0][protocol.I_KT] is None
+    assert_values_are_of_their_second(got)
+
+
+def test_a_thermocouple_read_right_after_a_late_one_waits_for_a_fresh_conversion(
+    micropython_bin: str, lib: Path, tmp_path: Path
+) -> None:
+    """A converter read again before its conversion time answers with the previous conversion
+    (CS low aborts the running one): the value would be the previous second's."""
+    body = f"""
+import time
+
+class SlowTC:
+    conversion_ms = 220
+    last = None
+    def read(self):
+        now = time.ticks_ms()
+        stale = SlowTC.last is not None and time.ticks_diff(now, SlowTC.last) < self.conversion_ms
+        SlowTC.last = now
+        return -100 if stale else RTC.second % 1000 * 100
+
+smp.tc = SlowTC()
+edge({T0}); run()
+edge({T0} + 1); run()
+edge({T0} + 2); run()   # the previous read was a moment ago (it came late)
+edge({T0} + 3); run()
+"""
+    got = scenario(micropython_bin, lib, tmp_path, body)
+    assert seconds(got) == list(range(T0 + 1, T0 + 4))
+    assert late(got) == []
+    assert all(s[protocol.I_KT] is not None for s in got)
     assert_values_are_of_their_second(got)

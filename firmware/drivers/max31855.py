@@ -47,6 +47,8 @@ def decode(buf):
 
 
 class MAX31855:
+    conversion_ms = CONVERSION_MS
+
     def __init__(self, spi, cs):
         self.spi = spi
         self.cs = cs

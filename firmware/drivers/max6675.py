@@ -1,8 +1,9 @@
 # Maxim MAX6675 K-type thermocouple converter on SPI (read-only, 16-bit frame, MSB first).
 #
 # CS low stops the running conversion and shifts out the last result; CS high starts the next
-# conversion (0.22 s max). Reading once per second therefore always gets a fresh conversion and
-# never waits: read() is one short SPI transaction. The SPI bus is set up by the caller
+# conversion (0.22 s max). A read sooner than that after the previous one gets the previous
+# result again: the caller spaces reads by `conversion_ms` (once a second, read() never waits:
+# it is one short SPI transaction). The SPI bus is set up by the caller
 # (SPI(1), mode 0, <= 4.3 MHz); `cs` is a machine.Pin output.
 #
 # Frame: D15 dummy sign bit (0), D14..D3 temperature in 0.25 degC (0..1023.75), D2 open
@@ -29,6 +30,8 @@ def decode(frame):
 
 
 class MAX6675:
+    conversion_ms = CONVERSION_MS
+
     def __init__(self, spi, cs):
         self.spi = spi
         self.cs = cs
