@@ -124,6 +124,7 @@ class Board:
         self._init_serial_loader()
         self.rom_dir = Path()
         self.heap_at_boot: tuple[int, int] | None = None  # (allocated, free) before boot.py
+        self._pin_write_at: float | None = None  # simulated time of the posted pin write in hand
         self._build_hardware()
 
     # -- construction ----------------------------------------------------------------------
@@ -172,7 +173,7 @@ class Board:
             if spec.thermocouple:
                 tc = make_spi_chip(spec.thermocouple, self.env, powered_at=now, miso_float=spec.miso_float)
                 self.chips["thermocouple"] = tc
-                self.spi.attach(spec.pins["spi_cs"], tc, self.clock.now)
+                self.spi.attach(spec.pins["spi_cs"], tc, self._pin_time)
         self.pins.listeners.append(self._pin_changed)
         if spec.safe_mode_jumper:
             self.pins.drive(spec.pins["safe_mode"], "jumper", 0)
@@ -375,6 +376,11 @@ class Board:
 
     # -- pins, SQW, watchdog ------------------------------------------------------------------
 
+    def _pin_time(self) -> float:
+        """When the pin change being handled happened: the board's time of a posted write (the
+        host may read the post later), else now."""
+        return self._pin_write_at if self._pin_write_at is not None else self.clock.now()
+
     def _pin_changed(self, gpio: int, level: int) -> None:
         writer = self._evt_writer
         if writer is not None and not writer.is_closing():
@@ -513,7 +519,12 @@ class Board:
 
     def _post(self, op: int, payload: bytes) -> None:
         if op == ipc.OP_PIN_SET:
-            self.pins.write(payload[0], payload[1])
+            gpio, level, at_us = struct.unpack(ipc.PIN_SET, payload)
+            self._pin_write_at = min(at_us / 1_000_000, self.clock.now())
+            try:
+                self.pins.write(gpio, level)
+            finally:
+                self._pin_write_at = None
         elif op == ipc.OP_WDT_FEED:
             self.wdt_fed_at = self.clock.now()
         elif op == ipc.OP_NOTE:

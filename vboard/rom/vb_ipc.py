@@ -34,7 +34,7 @@ OP_FLASH_WRITE = 7  # payload: "<I" offset + data -> empty
 OP_FLASH_ERASE = 8  # payload: "<I" sector       -> empty
 
 # requests without a reply
-OP_PIN_SET = 0x81  # payload: "<BB" pin, level
+OP_PIN_SET = 0x81  # payload: PIN_SET pin, level, the board's simulated time of the write (us)
 OP_WDT_FEED = 0x82  # payload: empty
 OP_NOTE = 0x83  # payload: JSON [name, arg, ...]
 
@@ -54,6 +54,10 @@ SPI_HEAD = "<BBBBBI"
 # PIN_CFG "<Bbbb": pin, mode (-1 keep, 0 IN, 1 OUT, 2 OPEN_DRAIN), pull (-1 keep, 0 none,
 # 1 PULL_UP), value (-1 keep, else 0/1 output level).
 PIN_CFG = "<Bbbb"
+# A posted pin write carries when it happened: the host may read it later than that (posts wait
+# in the stream while the host is busy), and a chip select's timing (a converter's conversion
+# running since CS went high) must be the board's, not the host's.
+PIN_SET = "<BBq"
 
 # events host -> board
 EV_PIN = 1  # "<BB" pin, level

@@ -84,7 +84,7 @@ class Pin:
         self._out = 1 if x else 0
         if self._mode != Pin.IN:
             hal.pin_levels[self.id] = self._out if self._mode == Pin.OUT else hal.pin_levels[self.id]
-        hal.post(ipc.OP_PIN_SET, bytes((self.id, self._out)))
+        hal.post(ipc.OP_PIN_SET, struct.pack(ipc.PIN_SET, self.id, self._out, hal.sim_us()))
         return None
 
     __call__ = value
