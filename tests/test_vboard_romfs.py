@@ -27,15 +27,19 @@ HEAP_PROBE = (
 )
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    with Fleet(tmp_path / "fleet", speed=1) as running:
-        yield running
-
-
 def bare_board(fleet: Fleet, name: str, variant: str) -> Board:
     spec = BoardSpec(name=name, rtc=False, ambient=None, thermocouple=None, firmware_variant=variant)
     return fleet.add(spec)
+
+
+@pytest.fixture
+def boards(tmp_path: Path) -> Iterator[tuple[Fleet, Board, Board]]:
+    """A board with the FLASH_2M_ROMFS variant and one with the default, both at their REPL."""
+    with Fleet(tmp_path / "fleet", speed=1) as fleet:
+        romfs, plain = bare_board(fleet, "romfs", esprom.ROMFS_VARIANT), bare_board(fleet, "plain", "")
+        fleet.wait_repl(romfs)
+        fleet.wait_repl(plain)
+        yield fleet, romfs, plain
 
 
 def heap_probe(board: Board) -> tuple[int, str, int]:
@@ -44,12 +48,9 @@ def heap_probe(board: Board) -> tuple[int, str, int]:
 
 
 def test_mpremote_deploys_a_romfs_image_that_is_mounted_at_rom_and_runs_in_place(
-    fleet: Fleet, tmp_path: Path
+    boards: tuple[Fleet, Board, Board], tmp_path: Path
 ) -> None:
-    board = bare_board(fleet, "romfs", esprom.ROMFS_VARIANT)
-    plain = bare_board(fleet, "plain", "")
-    fleet.wait_repl(board)
-    fleet.wait_repl(plain)
+    _, board, plain = boards
 
     query = mpremote(board.url, "romfs", "query")
     assert f"ROMFS0 partition has size {esprom.ROMFS_SIZE} bytes" in query
@@ -93,12 +94,9 @@ def test_mpremote_deploys_a_romfs_image_that_is_mounted_at_rom_and_runs_in_place
 
 
 def test_the_partition_copy_is_not_counted_as_heap_and_the_variant_follows_the_flashed_image(
-    fleet: Fleet, tmp_path: Path
+    boards: tuple[Fleet, Board, Board], tmp_path: Path
 ) -> None:
-    board = bare_board(fleet, "romfs", esprom.ROMFS_VARIANT)
-    plain = bare_board(fleet, "plain", "")
-    fleet.wait_repl(board)
-    fleet.wait_repl(plain)
+    fleet, board, plain = boards
     assert board.heapsize > plain.heapsize + esprom.ROMFS_SIZE
     assert board.heap_at_boot is not None and plain.heap_at_boot is not None
     # what the ROM allocated and what is free before boot.py: as on a board without the partition

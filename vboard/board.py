@@ -60,7 +60,7 @@ HAL_HEAP_OVERHEAD = 72 * 1024
 # spec's heapsize means the same with or without ROMFS, and the ROM reports the heap at boot
 # without the copy.
 GC_BYTES_PER_HEAP_BYTE = (259, 256)
-HEAP_UNITS = {"": 1, "K": 1024, "M": 1024 * 1024}
+ROMFS_COPY_OBJECTS = 256  # the bytearray, memoryview and VfsRom objects around the copy
 WDT_TIMEOUT_MS = 5000  # fixed on the ESP8266
 SYNC_WINDOW_BYTES = 128  # console input kept to spot an esptool SYNC split across reads
 
@@ -141,15 +141,10 @@ class Board:
     @property
     def heapsize(self) -> int:
         """-X heapsize for the next boot, in bytes: the spec's heap plus the mapped ROMFS."""
-        text = self.spec.heapsize
-        if text == "auto":
-            heap = ESP8266_EQUIVALENT_HEAP + HAL_HEAP_OVERHEAD
-        else:
-            digits = text.rstrip("KMkm")
-            heap = int(digits) * HEAP_UNITS[text[len(digits) :].upper()]
+        heap = self.spec.heap_bytes or ESP8266_EQUIVALENT_HEAP + HAL_HEAP_OVERHEAD
         romfs = self.firmware.romfs_partition(self.spec.flash_bytes)
         if romfs is not None:
-            heap += romfs[1] * GC_BYTES_PER_HEAP_BYTE[0] // GC_BYTES_PER_HEAP_BYTE[1] + 256
+            heap += romfs[1] * GC_BYTES_PER_HEAP_BYTE[0] // GC_BYTES_PER_HEAP_BYTE[1] + ROMFS_COPY_OBJECTS
         return heap
 
     def _build_hardware(self) -> None:

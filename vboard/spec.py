@@ -21,6 +21,8 @@ ESP8266_FLASH_SIZES = {"1MB": 1 << 20, "2MB": 2 << 20, "4MB": 4 << 20, "8MB": 8 
 FS_SIZE = {1 << 20: 396 * 1024, 2 << 20: 1024 * 1024, 4 << 20: 3 * 1024 * 1024}
 DEFAULT_MPY_VERSION = "1.27.0"
 DEFAULT_MPY_DATE = "2025-12-09"
+HEAP_SIZE = re.compile(r"([1-9][0-9]*)([KkMm]?)")  # as -X heapsize takes it
+HEAP_UNITS = {"": 1, "K": 1024, "M": 1024 * 1024}
 FIRMWARE_VARIANTS = ("", ROMFS_VARIANT)
 ROMFS_SINCE = (1, 25)  # the first release with the ESP8266 ROMFS variant
 
@@ -75,6 +77,12 @@ class BoardSpec:
         return ESP8266_FLASH_SIZES[self.flash_size]
 
     @property
+    def heap_bytes(self) -> int | None:
+        """The heapsize in bytes; None for "auto" (the board decides)."""
+        found = HEAP_SIZE.fullmatch(self.heapsize)
+        return int(found.group(1)) * HEAP_UNITS[found.group(2).upper()] if found else None
+
+    @property
     def fs_bytes(self) -> int:
         return FS_SIZE.get(self.flash_bytes, self.flash_bytes - (1 << 20))
 
@@ -99,7 +107,7 @@ class BoardSpec:
             raise SpecError(f"{where}: sht30_address must be 0x44 or 0x45")
         if self.flash_size not in ESP8266_FLASH_SIZES:
             raise SpecError(f"{where}: flash_size must be one of {', '.join(ESP8266_FLASH_SIZES)}")
-        if self.heapsize != "auto" and not re.fullmatch(r"[1-9][0-9]*[KkMm]?", self.heapsize):
+        if self.heapsize != "auto" and not HEAP_SIZE.fullmatch(self.heapsize):
             raise SpecError(f"{where}: heapsize must be auto or a size such as 148K, 1M, 200000")
         if self.firmware_variant not in FIRMWARE_VARIANTS:
             raise SpecError(f"{where}: firmware_variant must be one of {FIRMWARE_VARIANTS}")

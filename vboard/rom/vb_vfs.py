@@ -9,11 +9,8 @@
 # before boot (the host enlarged the heap by as much, vboard/board.py) and keeps the copy
 # equal to the flash through rom_ioctl's erases and writes, as the chip's flash cache shows them.
 
-import struct
-
 import vb_esp
 import vb_hal as hal
-import vb_ipc as ipc
 import vfs as _vfs
 
 VfsFat = _vfs.VfsFat
@@ -29,7 +26,7 @@ _GET_SEGMENT = 2
 _WRITE_PREPARE = 3
 _WRITE = 4
 _MIN_WRITE = 4  # the SDK writes whole 32-bit words
-_READ_CHUNK = 4096  # a sector: the reply must fit in what the running firmware left free
+_READ_CHUNK = 4096  # a sector per request: the reply is a transient block of that size
 ROMFS_MAGIC = b"\xd2\xcd\x31"
 
 _offset = 0
@@ -41,7 +38,10 @@ def map_partition(offset, size):
     _offset = offset
     kept = hal.reader_buffer_size()
     _mapped = bytearray(size)
-    _refresh(0, size)
+    view = memoryview(_mapped)
+    for at in range(0, size, _READ_CHUNK):
+        n = min(_READ_CHUNK, size - at)
+        view[at : at + n] = vb_esp.flash_read(offset + at, n)
     hal.shrink_reader_buffer(kept)  # the copy stands for flash: what it took is not the ROM's
 
 
@@ -58,15 +58,6 @@ def mount_romfs(path):
     except OSError:
         return False
     return True
-
-
-def _refresh(start, length):
-    view = memoryview(_mapped)
-    end = min(start + length, len(_mapped))
-    while start < end:
-        n = min(_READ_CHUNK, end - start)
-        view[start : start + n] = hal.request(ipc.OP_FLASH_READ, struct.pack("<II", _offset + start, n))
-        start += n
 
 
 def _rom_ioctl(op, *args):
