@@ -41,18 +41,11 @@ class Pin:
     PULL_UP = 1
     IRQ_RISING = 1
     IRQ_FALLING = 2
-    _pins = {}
 
     def __new__(cls, id, mode=-1, pull=-1, *, value=None):
-        if not isinstance(id, int) or id not in _VALID_GPIOS:
-            raise ValueError("invalid pin")
-        self = Pin._pins.get(id)
+        self = _PINS.get(id) if isinstance(id, int) else None
         if self is None:
-            self = object.__new__(cls)
-            self.id = id
-            self._mode = Pin.IN
-            self._out = 0
-            Pin._pins[id] = self
+            raise ValueError("invalid pin")
         return self
 
     def __init__(self, id, mode=-1, pull=-1, *, value=None):
@@ -102,7 +95,7 @@ class Pin:
             # The ESP8266 port runs every pin IRQ through the scheduler.
             raise ValueError("hard IRQ not supported")
         hal.set_irq(self.id, trigger, handler, self)
-        return _PinIRQ(self.id)
+        return _PIN_IRQS[self.id]
 
 
 class _PinIRQ:
@@ -112,6 +105,21 @@ class _PinIRQ:
     def trigger(self, trigger=None):
         entry = hal.pin_irqs[self._gpio]
         return entry[0] if entry else 0
+
+
+def _static_pin(gpio):
+    pin = object.__new__(Pin)
+    pin.id = gpio
+    pin._mode = Pin.IN
+    pin._out = 0
+    return pin
+
+
+# The port's pin objects and their IRQ objects are static (machine_pin.c: pyb_pin_obj[],
+# pin_irq_obj[]): machine.Pin(n) and pin.irq() allocate nothing on a board, so they are all made
+# here, before boot.py, and count as ROM.
+_PINS = {gpio: _static_pin(gpio) for gpio in _VALID_GPIOS}
+_PIN_IRQS = {gpio: _PinIRQ(gpio) for gpio in _VALID_GPIOS if gpio < 16}
 
 
 class Signal:
@@ -352,6 +360,9 @@ class SPI(SoftSPI):
 class RTC:
     ALARM0 = 0
 
+    def __new__(cls):
+        return _RTC  # static in the port (machine_rtc.c: pyb_rtc_obj)
+
     def datetime(self, dt=None):
         if dt is None:
             t = vb_time.gmtime()
@@ -379,9 +390,15 @@ class RTC:
         return None
 
 
+_RTC = object.__new__(RTC)
+
+
 class WDT:
     # The ESP8266's watchdog has a fixed 5 s timeout, and nothing stops it once started: not
     # even a soft reset (only a hard reset does), as ports/esp8266/machine_wdt.c leaves it.
+    def __new__(cls, id=0, timeout=5000):
+        return _WDT  # static in the port (machine_wdt.c: wdt_default)
+
     def __init__(self, id=0, timeout=5000):
         if timeout != 5000 or id != 0:
             raise ValueError()
@@ -397,6 +414,10 @@ class WDT:
 
     def deinit(self):
         raise OSError("WDT can't be stopped")
+
+
+_WDT = object.__new__(WDT)
+_WDT._last = 0
 
 
 class Timer:

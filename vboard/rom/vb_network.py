@@ -31,17 +31,10 @@ def _call(name, *args):
 
 
 class WLAN:
-    _ifs = {}
-
     def __new__(cls, interface_id=STA_IF):
         if interface_id not in (STA_IF, AP_IF):
             raise ValueError("invalid WLAN interface identifier")
-        self = WLAN._ifs.get(interface_id)
-        if self is None:
-            self = object.__new__(cls)
-            self._if = interface_id
-            WLAN._ifs[interface_id] = self
-        return self
+        return _INTERFACES[interface_id]
 
     def __init__(self, interface_id=STA_IF):
         pass
@@ -114,6 +107,15 @@ class WLAN:
             return bytes(value)
         return value
 
+
+def _interface(interface_id):
+    wlan = object.__new__(WLAN)
+    wlan._if = interface_id
+    return wlan
+
+
+# static in the port (network_wlan.c: wlan_objs[]): WLAN() allocates nothing on a board
+_INTERFACES = (_interface(STA_IF), _interface(AP_IF))
 
 _hostname = "espressif"
 

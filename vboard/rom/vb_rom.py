@@ -111,12 +111,13 @@ def set_exec_state(running):
 
 
 def execute(source, filename, mode, print_eof):
-    """parse_compile_execute: returns 'ok', 'error' or 'exit' (SystemExit: soft reboot)."""
+    """parse_compile_execute: returns 'ok', 'error' or 'exit' (SystemExit: soft reboot).
+    mode "file": source is a file's name (run_file)."""
     result = "ok"
     error = None
     try:
         set_exec_state(1)
-        code = compile(source, filename, mode)
+        code = _compile_file(source) if mode == "file" else compile(source, filename, mode)
         exec(code, user_globals)
     except SystemExit:
         result = "exit"
@@ -142,13 +143,19 @@ def print_exception(e):
             print(line)
 
 
+def _compile_file(name):
+    # The file's text is garbage once compiled: pyexec_file lexes a file through a small buffer,
+    # so a script that never returns (main.py) does not keep its text in the heap on a board.
+    with open(name) as f:
+        return compile(f.read(), name, "exec")
+
+
 def run_file(name):
     try:
-        with open(name) as f:
-            source = f.read()
+        vb_os.stat(name)
     except OSError:
         return "ok"
-    return execute(source, name, "exec", False)
+    return execute(name, name, "file", False)
 
 
 def soft_reboot(mode):

@@ -69,8 +69,9 @@ class socket:
         self._timeout_us = -1  # blocking
         self._connected = False
         self._closed = False
-        self._udp_routes = {}
-        self._udp_back = {}
+        if type == SOCK_DGRAM:  # a TCP socket's heap is only what the port's lwIP object takes
+            self._udp_routes = {}
+            self._udp_back = {}
 
     def __enter__(self):
         return self
@@ -173,8 +174,6 @@ class socket:
         s._timeout_us = -1
         s._connected = True
         s._closed = False
-        s._udp_routes = {}
-        s._udp_back = {}
         return s, ("127.0.0.1", 0)
 
     def close(self):
