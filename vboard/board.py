@@ -50,10 +50,11 @@ HARD_RESET = 6
 # -X heapsize when the spec says "auto": the firmware should find about as much free heap as on
 # an ESP8266 (~30 KB free after boot of its 38 KiB heap), scaled for this 64-bit port, whose
 # objects are about twice the size (pointers): 64 KiB. The simulated hardware modules occupy
-# the same heap (on a real board they are in ROM/flash): measured at ~70 KB before boot.py
-# (Board.heap_at_boot), so they get their own allowance on top.
+# the same heap (on a real board they are in ROM/flash): measured at ~80 KiB before boot.py
+# (Board.heap_at_boot, with the static pin and WLAN objects and the holes the ROM fills), so
+# they get their own allowance on top.
 ESP8266_EQUIVALENT_HEAP = 64 * 1024
-HAL_HEAP_OVERHEAD = 72 * 1024
+HAL_HEAP_OVERHEAD = 80 * 1024
 # A firmware with a ROMFS partition has it memory-mapped on the chip; this port cannot map a
 # file, so the ROM copies the partition into the heap before boot. The heap gets that much more
 # (plus the GC's allocation tables for it: 2 + 1 bits per 32-byte block, 259/256) so that a
@@ -124,6 +125,9 @@ class Board:
         self._init_serial_loader()
         self.rom_dir = Path()
         self.heap_at_boot: tuple[int, int] | None = None  # (allocated, free) before boot.py
+        # of the allocated: the free blocks between the ROM's objects that the ROM filled
+        # (vb_rom.fill_heap_holes: the firmware gets its free heap in one piece, as on a board)
+        self.heap_holes_at_boot: int | None = None
         self._pin_write_at: float | None = None  # simulated time of the posted pin write in hand
         self._build_hardware()
 
@@ -536,6 +540,7 @@ class Board:
                 self.wake_port = int(args[0])
             elif name == "heap":
                 self.heap_at_boot = (int(args[0]), int(args[1]))
+                self.heap_holes_at_boot = int(args[2])
                 self.ready.set()
 
     async def _op_i2c(self, payload: bytes) -> tuple[int, bytes]:

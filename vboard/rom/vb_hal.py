@@ -322,10 +322,7 @@ def _dispatch_pin(gpio, level):
 
 def _event_loop():
     global _anchors
-    head = bytearray(ipc.HEADER_SIZE)
-    body = bytearray(64)
-    hmv = memoryview(head)
-    bmv = memoryview(body)
+    head, body, hmv, bmv = _evt_buffers
     while True:
         got = 0
         while got < ipc.HEADER_SIZE:
@@ -348,7 +345,7 @@ def _event_loop():
 
 
 def start(argv):
-    """Connect to the host, fetch the boot parameters, start the event thread."""
+    """Connect to the host, fetch the boot parameters (start_events() starts the event thread)."""
     global params, _req, _reader, _evt, _anchors, boot_sim_us
     port = int(argv[1])
     token = argv[2].encode()
@@ -366,8 +363,18 @@ def start(argv):
     _open_wake_socket()
     global _wake_thread_sock
     _wake_thread_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    _thread.start_new_thread(_event_loop, ())
+    global _evt_buffers
+    head = bytearray(ipc.HEADER_SIZE)
+    body = bytearray(64)
+    _evt_buffers = (head, body, memoryview(head), memoryview(body))
     return params
+
+
+def start_events():
+    """Start the thread that takes the host's events (pin levels, clock anchors); until then
+    they wait in the socket. Started after the ROM's boot has filled the heap's holes, which
+    needs this process to have a single allocating thread."""
+    _thread.start_new_thread(_event_loop, ())
 
 
 def halt_forever():

@@ -352,6 +352,51 @@ def friendly_repl():
 
 # -- boot ------------------------------------------------------------------------------
 
+GC_BLOCK_BYTES = 4 * (8 if sys.maxsize > 0x7FFFFFFF else 4)  # MICROPY_BYTES_PER_GC_BLOCK: 4 words
+heap_holes = None
+
+
+def fill_heap_holes():
+    """Occupy every free block below the heap's last used one; return what holds them (a chain
+    of one-block tuples, chain_length() long).
+
+    On a board the ROM is not in the heap: the firmware starts on a heap in one piece. Here the
+    ROM's modules loaded first and left free blocks between their objects, most of one or two
+    blocks, which only the firmware's smallest objects could use. They are filled with one-block
+    tuples, counted as the ROM's, so that the firmware finds its free heap in one piece above
+    them, as on a board. Needs this process's only allocating thread (hal.start_events()).
+    """
+    gc.collect()
+    holes = _fill_to_the_end()
+    # the run at the end is free again only now: the frame of _fill_to_the_end, whose value
+    # stack may still point at it, is gone (the GC scans stacks conservatively)
+    gc.collect()
+    return holes
+
+
+def chain_length(node):
+    n = 0
+    while node is not None:
+        n += 1
+        node = node[0]
+    return n
+
+
+def _fill_to_the_end():
+    # Allocation is first fit, so each tuple takes the lowest free block and the chain (each
+    # tuple holds the one before) runs in address order. The heap is filled to its end; the run
+    # of consecutive blocks at the end (the free heap above the ROM) is then let go.
+    last = None
+    try:
+        while True:
+            last = (last,)
+    except MemoryError:
+        pass
+    node = last
+    while node[0] is not None and id(node) - id(node[0]) == GC_BLOCK_BYTES:
+        node = node[0]
+    return node[0]
+
 
 def boot():
     vb_vfs.mount(vb_vfs.VfsPosix(params["flash_dir"]), "/")
@@ -363,8 +408,12 @@ def boot():
         # _boot.py of the port writes this boot.py into a freshly formatted filesystem
         with open("boot.py", "wb") as f:
             f.write(FIRST_BOOT_PY)
-    gc.collect()
-    hal.note("heap", gc.mem_alloc() - vb_vfs.mapped_bytes(), gc.mem_free())
+    global heap_holes
+    heap_holes = fill_heap_holes()
+    gc.threshold(-1)  # the port's: collect when an allocation fails (rom.py set a threshold)
+    hal.start_events()
+    holes_bytes = chain_length(heap_holes) * GC_BLOCK_BYTES
+    hal.note("heap", gc.mem_alloc() - vb_vfs.mapped_bytes(), gc.mem_free(), holes_bytes)
     mode = params["repl_mode"]
     if run_file("boot.py") == "exit":
         soft_reboot(mode)
