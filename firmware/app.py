@@ -31,6 +31,7 @@ import io
 import json
 import os
 import time
+from array import array
 
 import machine
 from drivers.errors import SensorError
@@ -100,12 +101,12 @@ class App:
         # what each in-flight publish holds, in publish order: n > 0 a data batch of n FIFO
         # positions, 0 anything else, -n a batch of damaged records completing with its
         # predecessors (nothing was published for it)
-        self.ring = [0] * (2 * self.WINDOW)
+        self.ring = array("i", bytes(4 * 2 * self.WINDOW))
         self.ring_head = 0
         self.ring_len = 0
         # acknowledged FIFO positions not committed yet, oldest at settle_head: count, ticks_ms
-        self.settle_n = [0] * _SETTLE_SLOTS
-        self.settle_at = [0] * _SETTLE_SLOTS
+        self.settle_n = array("i", bytes(4 * _SETTLE_SLOTS))  # arrays: half a list's bytes here
+        self.settle_at = array("i", bytes(4 * _SETTLE_SLOTS))
         self.settle_head = 0
         self.settle_len = 0
         self.settling = 0  # their total
@@ -124,7 +125,7 @@ class App:
         # Set by appinit.setup() and run(). Declared here, so that the instance's attribute
         # table reaches its final size now, not by reallocations while boot fills the heap.
         self.boot = self.flush_s = self.batch = self.resend_ms = self.health_s = None
-        self.resync_s = self.ntp_host = self.sqw_gpio = self.networks = self.broker = None
+        self.resync_s = self.ntp_host = self.sqw_gpio = self.networks = None
         self.device = self.t_status = self.t_info = self.t_data = self.t_health = None
         self.rtc = self.tc = self.amb = self.button = self.wlan = self.info_fields = None
         self.store = self.client = self.sampler = self.timesync = self.wdt = self.rtc_ok = None
@@ -409,29 +410,19 @@ def run(box):
     import sys
 
     # The long-lived objects with the largest blocks first, while the heap above what boot
-    # left is still in one piece: the app's attribute table, the store's buffers.
+    # left is still in one piece: the app's attribute table, the store's buffers, the MQTT
+    # client's buffers.
     app = App()
+    cfg = box[0]
     from store import Store
 
-    buffer = box[0]["buffer"]
+    buffer = cfg["buffer"]
     app.store = store = Store(buffer["ram_samples"], buffer["flash_samples"], SAMPLES_FILE, buffer["batch"])
-    del buffer
-    import appinit
-
-    appinit.setup(app, box.pop(0), box.pop(0), box.pop(0))
-    del appinit
-    sys.modules.pop("appinit")
-    gc.collect()
     from mqtt import MQTTClient
-    from sampler import Sampler
-    from timesync import TimeSync
 
-    # every module took the protocol constants it needs (`from protocol import ...`): the rest
-    # of protocol.py (the recorder's helpers, the key lists) gives its heap back
-    sys.modules.pop("protocol", None)
-    broker = app.broker
+    broker = cfg["broker"]
     app.client = client = MQTTClient(
-        app.device,
+        cfg["device"],
         broker["host"],
         broker["port"],
         user=broker["user"],
@@ -441,6 +432,22 @@ def run(box):
         window=App.WINDOW,
         connect_timeout_ms=CONNECT_TIMEOUT_MS,
     )
+    del cfg, buffer, broker
+    import appinit
+
+    appinit.setup(app, box.pop(0), box.pop(0), box.pop(0))
+    del appinit
+    sys.modules.pop("appinit")
+    gc.collect()
+    from sampler import Sampler
+
+    # every module took the protocol constants it needs (`from protocol import ...`, sampler.py
+    # the last): the rest of protocol.py (the recorder's helpers, the key lists) gives its heap
+    # back before NTP is loaded
+    sys.modules.pop("protocol", None)
+    gc.collect()
+    from timesync import TimeSync
+
     client.set_last_will(app.t_status, OFFLINE, retain=True, qos=1)
     # the messages' dicts are built once and updated in place, and written into one buffer
     app.info_fields["buffer"] = {"ram": store.ram_capacity, "flash": store.capacity, "flush_s": app.flush_s}

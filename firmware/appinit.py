@@ -1,8 +1,8 @@
 # The app's boot-time part, run once with the config: the boot counter, the buses and sensor
 # drivers with their self-tests, WiFi, the topics and the constant part of the info message.
-# app.run() imports it once the store's buffers are allocated, calls setup(), and unloads it and
-# the config before it loads the rest of the app (sampler, MQTT client, NTP): the heap's peak is
-# then no higher at boot than while the app runs.
+# app.run() imports it once the store's and the MQTT client's buffers are allocated, calls
+# setup(), and unloads it and the config before it loads the rest of the app (sampler, NTP): the
+# heap's peak is then no higher at boot than while the app runs.
 
 import os
 import time
@@ -45,8 +45,13 @@ def file_hash(path):
     import hashlib
 
     h = hashlib.sha256()
+    chunk = bytearray(64)  # the file may be a few kB: not all of it in the heap at once
     with open(path, "rb") as f:
-        h.update(f.read())
+        while True:
+            n = f.readinto(chunk)
+            if not n:
+                break
+            h.update(memoryview(chunk)[:n])
     return binascii.hexlify(h.digest()[:8]).decode()
 
 
@@ -135,7 +140,6 @@ def setup(app, cfg, config_file, reset):
         except OSError as e:  # the app tries the networks again later
             print("labfleet: WiFi connect failed: %s" % e)
 
-    app.broker = cfg["broker"]
     app.device = device
     prefix = cfg["topic_prefix"]
     app.t_status = protocol.topic(prefix, device, protocol.STATUS).encode()

@@ -53,14 +53,11 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _POLL_FAIL = select.POLLHUP | select.POLLERR
 
-# CONNACK return codes of MQTT 3.1.1 (section 3.2.2.3).
+# CONNACK return codes of MQTT 3.1.1 (section 3.2.2.3), 0..5. One string, split when needed: a
+# tuple of strings costs an object per string in the heap for as long as the module is loaded.
 CONNACK_REASONS = (
-    "accepted",
-    "unacceptable protocol version",
-    "client identifier rejected",
-    "server unavailable",
-    "bad user name or password",
-    "not authorized",
+    "accepted|unacceptable protocol version|client identifier rejected|server unavailable|"
+    "bad user name or password|not authorized"
 )
 
 
@@ -72,7 +69,8 @@ class ConnectRefused(MQTTError):
     """The broker refused the CONNECT; `code` is the CONNACK return code (1..5)."""
 
     def __init__(self, code):
-        reason = CONNACK_REASONS[code] if 0 < code < len(CONNACK_REASONS) else "unknown reason"
+        reasons = CONNACK_REASONS.split("|")
+        reason = reasons[code] if 0 < code < len(reasons) else "unknown reason"
         super().__init__(code, "broker refused the connection: %s (CONNACK code %d)" % (reason, code))
         self.code = code
 
