@@ -40,6 +40,12 @@ pin_irqs = [None] * 17  # (trigger, handler, pin object) per GPIO
 irq_lost = 0
 _evt_lock = _thread.allocate_lock()
 _wake_thread_sock = None
+# The event thread's buffers, made on import with the rest of the ROM: the thread starts after
+# the ROM filled the heap's holes (start_events()), and what it allocated then would count as
+# the firmware's.
+_evt_head = bytearray(ipc.HEADER_SIZE)
+_evt_body = bytearray(64)
+_evt_buffers = (_evt_head, _evt_body, memoryview(_evt_head), memoryview(_evt_body))
 
 
 _IPPROTO_TCP = 6
@@ -363,10 +369,6 @@ def start(argv):
     _open_wake_socket()
     global _wake_thread_sock
     _wake_thread_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    global _evt_buffers
-    head = bytearray(ipc.HEADER_SIZE)
-    body = bytearray(64)
-    _evt_buffers = (head, body, memoryview(head), memoryview(body))
     return params
 
 
