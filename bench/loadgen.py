@@ -112,6 +112,7 @@ class SimBoard:
             "heap": 20000,
             "backlog": 0,
             "dropped": 0,
+            "flash_errors": 0,
             "reconnects": 0,
             "seq": self.seq - 1,
             "drift_ms": 0,

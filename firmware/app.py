@@ -39,7 +39,7 @@ from micropython import const
 from protocol import FLAG_TIME_UNSYNCED, HEALTH_KEYS, OFFLINE, ONLINE
 
 FIRMWARE_VERSION = "0.1.0"
-SAMPLES_FILE = "samples.dat"  # the store's flash ring
+SAMPLES_DIR = "fifo"  # the store's flash FIFO (a directory of segment files)
 
 _WIFI_CHECK_MS = const(2000)
 WIFI_SWITCH_MS = const(30000)  # no link for this long: associate with the next network
@@ -397,6 +397,7 @@ class App:
         fields["heap"] = gc.mem_free()
         fields["backlog"] = max(0, store.depth() - self.settling)  # acknowledged: not backlog
         fields["dropped"] = store.dropped + store.overruns
+        fields["flash_errors"] = store.flash_errors
         fields["reconnects"] = self.reconnects
         fields["seq"] = self.sampler.seq - 1
         fields["drift_ms"] = self.timesync.offset_ms
@@ -417,7 +418,7 @@ def run(box):
     from store import Store
 
     buffer = cfg["buffer"]
-    app.store = store = Store(buffer["ram_samples"], buffer["flash_samples"], SAMPLES_FILE, buffer["batch"])
+    app.store = store = Store(buffer["ram_samples"], buffer["flash_samples"], SAMPLES_DIR, buffer["batch"])
     from mqtt import MQTTClient
 
     broker = cfg["broker"]

@@ -92,6 +92,8 @@ INFO_KEYS = ("v", "device", "fw", "mpy", "cfg", "boot", "reset", "mac", "sensors
 #   heap         free heap in bytes
 #   backlog      samples waiting to be published (RAM + flash)
 #   dropped      samples dropped because the buffer overflowed, since boot (never silent)
+#   flash_errors flash buffer operations that failed (e.g. a full filesystem), since boot;
+#                sampling goes on, the samples stay in RAM or are counted in dropped
 #   reconnects   MQTT reconnects since boot
 #   seq          sequence number of the newest sample
 #   drift_ms     last measured DS3231 offset from NTP in ms, or null
@@ -104,6 +106,7 @@ HEALTH_KEYS = (
     "heap",
     "backlog",
     "dropped",
+    "flash_errors",
     "reconnects",
     "seq",
     "drift_ms",

@@ -1,12 +1,12 @@
 # The store-and-forward sample buffer: one FIFO of fixed-size binary records, oldest first.
 #
-# The oldest samples live in a ring file on flash, the newest in a RAM ring in front of it;
+# The oldest samples live in segment files on flash, the newest in a RAM ring in front of them;
 # publishing always takes the oldest. Samples move RAM -> flash only in flush(), which the app
 # calls every `buffer.flush_s` seconds while samples are pending (so a reset loses at most that
 # many) and when RAM is nearly full. While the link is up, samples are acknowledged within a
 # second and never touch flash.
 #
-#     store = Store(ram_samples=120, flash_samples=21600, path="samples.dat", batch=60)
+#     store = Store(ram_samples=120, flash_samples=21600, path="fifo", batch=60)
 #     store.push(boot, seq, t, kT, aT, aH, flags)     # ints in hundredths, None for null
 #     n = store.take(60)          # mark up to 60 oldest untaken samples in flight and encode them
 #     pid = client.publish(topic, store.batch(), qos=1)   # the protocol's JSON array payload
@@ -19,19 +19,23 @@
 # update. push() never touches flash and never allocates; if RAM is full (the app did not flush
 # in time) the new sample is not stored and is counted in `overruns`.
 #
-# Flash ring file (`path`): a header record, then `capacity` slots of RECORD_SIZE bytes. Record
-# number `lsn` (a log sequence number, +1 per record for the life of the file) lives in slot
-# lsn % capacity and carries its own lsn and a CRC, so a slot left torn or stale by a reset is
-# recognised. Writes are appends at the head; nothing is rewritten per sample. Which records are
-# still pending is kept in a small append-only journal (`path` + ".j0" / ".j1", alternating when
-# one grows past JOURNAL_MAX entries) of (tail, head) pairs written when the tail moves (a commit
-# of flash records, or an overflow). On open, the head is found by reading forward from the last
-# journalled head while the slots hold the expected lsns, so recovery reads only what was written
-# since. On overflow the journal entry for the new tail is written *before* the slots it frees are
-# overwritten, so a reset between the two never resurrects overwritten slots.
-#
-# Wear: on a FAT filesystem every file flush rewrites the directory sector; format the board's
-# filesystem as LittleFS (vfs.VfsLfs2), which spreads writes, when the spill file will be used.
+# Flash FIFO (`path`, a directory): append-only segment files, because the port's filesystem is
+# LittleFS v2 on 4 KiB blocks (ports/esp8266/modules/flashbdev.py, inisetup.py) and LittleFS is
+# copy-on-write: a write into the middle of a file copies everything after it into new blocks on
+# every flush (a 600 KB ring file rewritten per flush ran the 1 MB filesystem of a 2 MB board out
+# of space). An append copies at most the file's last block (littlefs lfs_ctz_extend), and a
+# whole-file delete frees blocks without writing any. So: record number `lsn` (a log sequence
+# number, +1 per record for the life of the FIFO) lives in segment file `path/<lsn // SEG_RECORDS>`
+# at record lsn % SEG_RECORDS; a segment is one flash block (SEG_RECORDS * RECORD_SIZE <= 4096);
+# flush() appends to the newest segment (one block erased and programmed per flush), a segment is
+# deleted once every record in it is committed or dropped, and the tail (the oldest pending lsn)
+# is written to `path/tail` (6 bytes, replaced whole) when a commit moves it. Each record carries
+# its own lsn and a CRC, so a record a reset left torn (not on LittleFS, whose syncs are atomic)
+# or a missing one is recognised and skipped. The FIFO holds at most `capacity` records; on
+# overflow the oldest are dropped (counted) a whole segment at a time and their files deleted.
+# A flush that fails (OSError, ENOSPC included) never raises: it is counted in `flash_errors`,
+# what reached the file stays, the rest stays in RAM (the oldest dropped and counted if RAM
+# fills), and an ENOSPC drops the oldest segment to make room for the next try.
 
 import os
 import struct
@@ -59,9 +63,10 @@ _AT_FLAGS = const(24)
 NULL_KT = -0x80000000
 NULL_16 = -0x8000
 
-JOURNAL_ENTRY = "<IIH"  # tail lsn, head lsn, crc of the first 8 bytes
-JOURNAL_SIZE = const(10)
-JOURNAL_MAX = const(400)  # entries per journal file before switching to the other one
+SEG_RECORDS = const(146)  # records per segment file: 4,088 bytes, one 4 KiB LittleFS block
+TAIL_FILE = "tail"  # in the FIFO's directory: "<I" tail lsn + crc16
+_ENOSPC = const(28)
+_ENOENT = const(2)
 READ_CHUNK = const(16)  # flash records read per file read while encoding (and recovering)
 # Longest encoding of one record: [u32,u32,u32,i32,i16,i16,u16], plus a separating comma.
 _JSON_RECORD_MAX = const(67)
@@ -94,19 +99,12 @@ def sealed(buf, off, end):
     return crc16(buf, off, end) == buf[end] | buf[end + 1] << 8
 
 
-def remove_file(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
 def u32(buf, at):
     return buf[at] | buf[at + 1] << 8 | buf[at + 2] << 16 | buf[at + 3] << 24
 
 
 class Store:
-    def __init__(self, ram_samples, flash_samples=0, path="samples.dat", batch=60, reserve=0):
+    def __init__(self, ram_samples, flash_samples=0, path="fifo", batch=60, reserve=0):
         if ram_samples < 1 or flash_samples < 0 or batch < 1:
             raise ValueError("ram_samples and batch must be >= 1, flash_samples >= 0")
         self.ram_capacity = ram_samples
@@ -116,14 +114,15 @@ class Store:
         self._out = 0  # samples ever moved out of RAM (written by the main loop only)
         # RAM-only mode: flush() drops the oldest so that this many slots stay free for push().
         self.reserve = reserve or max(1, ram_samples // 4)
-        self.capacity = 0  # flash slots (0: RAM only)
+        self.capacity = 0  # flash FIFO records at most (0: RAM only)
         self._tail = 0  # lsn of the oldest record on flash
         self._head = 0  # lsn the next record written to flash gets
         self._taken = 0  # oldest records in flight (taken, not yet committed)
         self._ghosts = 0  # in-flight records dropped by an overflow; their commit is absorbed
         self.dropped = 0  # oldest samples dropped because the buffer overflowed
         self.overruns = 0  # new samples push() could not store: RAM full, not flushed in time
-        self.torn = 0  # flash records found damaged (a reset while writing) and skipped
+        self.torn = 0  # flash records found damaged or missing (a reset while writing) and skipped
+        self.flash_errors = 0  # flash operations that failed (OSError), sampling went on
         self._torn_upto = -1  # highest lsn counted in torn
         self.batch_max = batch
         self.batch_samples = 0  # samples encoded by the last take()
@@ -132,19 +131,17 @@ class Store:
         self._out_len = 0
         self._digits = bytearray(10)
         self._chunk = bytearray(READ_CHUNK * RECORD_SIZE)
-        self._journal_buf = bytearray(JOURNAL_SIZE)
+        self._tail_buf = bytearray(6)
         self.path = path
-        self._file = None
-        self._journal = None
-        self._journal_index = 0
-        self._journal_entries = 0
+        self._rfile = None  # the segment file open for reading, and its number
+        self._rseg = -1
         if flash_samples:
-            # opening (and recovering) the ring is boot-time code: loaded for it, then unloaded
+            # opening (and recovering) the FIFO is boot-time code: loaded for it, then unloaded
             import sys
 
             import store_open
 
-            store_open.open_ring(self, flash_samples)
+            store_open.open_fifo(self, flash_samples)
             sys.modules.pop("store_open")
 
     # --- the sampling side ---------------------------------------------------------------
@@ -220,16 +217,16 @@ class Store:
         while index < end:
             if index < flash:
                 lsn = self._tail + index
-                slot = lsn % self.capacity
+                slot = lsn % SEG_RECORDS
                 run = end - index
                 if run > flash - index:
                     run = flash - index
                 if run > READ_CHUNK:
                     run = READ_CHUNK
-                if run > self.capacity - slot:
-                    run = self.capacity - slot
+                if run > SEG_RECORDS - slot:
+                    run = SEG_RECORDS - slot
                 chunk = self._chunk
-                got = self._read_slots(slot, run)
+                got = self._read_records(lsn, run)
                 for j in range(run):
                     off = j * RECORD_SIZE
                     if off + RECORD_SIZE <= got and self._valid(chunk, off, lsn + j):
@@ -265,8 +262,8 @@ class Store:
         flash = self._head - self._tail
         from_flash = n if n < flash else flash
         if from_flash:
-            self._tail += from_flash
-            self._write_journal()
+            self._move_tail(self._tail + from_flash)
+            self._write_tail()
         self._out += n - from_flash
 
     def rewind(self):
@@ -282,7 +279,7 @@ class Store:
             raise IndexError("store index out of range")
         if i < flash:
             lsn = self._tail + i
-            got = self._read_slots(lsn % self.capacity, 1)
+            got = self._read_records(lsn, 1)
             if got < RECORD_SIZE or not self._valid(self._chunk, 0, lsn):
                 return None
             buf, off = self._chunk, 0
@@ -304,58 +301,121 @@ class Store:
 
     def flush(self):
         """Move every sample in RAM to flash (RAM-only: drop the oldest beyond the reserve).
-        Returns how many samples were written."""
-        end = self._in
-        n = end - self._out
+        Returns how many samples were written. Never raises for the flash: see the top."""
+        n = self._in - self._out
         if not self.capacity:
-            excess = n - (self.ram_capacity - self.reserve)
-            if excess > 0:
-                self._out += excess
-                self._lost(excess)
+            self._drop_ram_beyond_reserve()
             return 0
         if not n:
             return 0
-        cap = self.capacity
-        excess = self._head - self._tail + n - cap
+        flash = self._head - self._tail
+        excess = flash + n - self.capacity
         if excess > 0:
-            from_flash = excess if excess < self._head - self._tail else self._head - self._tail
-            self._tail += from_flash
-            self._lost(from_flash)
-            excess -= from_flash
-            if excess:  # more new samples than flash slots: keep only the newest cap
+            tail = self._tail + (excess if excess < flash else flash)
+            if tail % SEG_RECORDS and self.capacity >= 2 * SEG_RECORDS:
+                # Whole segments: the tail stays at a segment's start, which recovery finds
+                # from the files alone (no tail write per flush while the buffer overflows).
+                boundary = tail - tail % SEG_RECORDS + SEG_RECORDS
+                if boundary <= self._head:
+                    tail = boundary
+            excess -= tail - self._tail
+            self._lost(tail - self._tail)
+            self._move_tail(tail)
+            if tail % SEG_RECORDS:
+                self._write_tail()  # within a segment: a reset must not bring the dropped back
+            if excess > 0:  # more new samples than the FIFO holds: keep only the newest
                 self._out += excess
                 self._lost(excess)
                 n -= excess
-            # The new tail is on flash before its slots are overwritten: a reset in between must
-            # not make recovery take the overwritten slots for the oldest records.
-            self._write_journal()
+        written = 0
+        while written < n:
+            head = self._head
+            try:
+                written += self._append(n - written)
+            except OSError as e:
+                self.flash_errors += 1
+                written += self._recover_head(head)
+                if e.args and e.args[0] == _ENOSPC:
+                    self._make_room()
+                break
+        if written < n:
+            self._drop_ram_beyond_reserve()
+        return written
+
+    def _append(self, left):
+        """Append up to `left` of the oldest RAM samples to the head's segment file (never past
+        its end); returns how many."""
+        lsn = self._head
+        seg = lsn // SEG_RECORDS
+        slot = lsn % SEG_RECORDS
+        if left > SEG_RECORDS - slot:
+            left = SEG_RECORDS - slot
+        if self._rseg == seg:
+            self._close_reader()  # it would not see the appended records
         ram = self._ram
         rcap = self.ram_capacity
         src = self._out
-        lsn = self._head
-        left = n
-        f = self._file
-        while left:
-            slot = lsn % cap
-            first = src % rcap
-            run = left
-            if run > rcap - first:
-                run = rcap - first
-            if run > cap - slot:
-                run = cap - slot
-            for k in range(run):
-                off = (first + k) * RECORD_SIZE
-                struct.pack_into("<I", ram, off, lsn + k)
-                seal(ram, off, off + CRC_AT)
-            f.seek((1 + slot) * RECORD_SIZE)
-            f.write(self._ram_view[first * RECORD_SIZE : (first + run) * RECORD_SIZE])
-            lsn += run
-            src += run
-            left -= run
-        f.flush()
-        self._head = lsn
-        self._out = src
-        return n
+        f = open(self._segment_path(seg), "ab" if slot else "wb")  # noqa: SIM115 - closed below
+        try:
+            done = 0
+            while done < left:
+                first = (src + done) % rcap
+                run = left - done
+                if run > rcap - first:
+                    run = rcap - first
+                for k in range(run):
+                    off = (first + k) * RECORD_SIZE
+                    struct.pack_into("<I", ram, off, lsn + done + k)
+                    seal(ram, off, off + CRC_AT)
+                size = run * RECORD_SIZE
+                if f.write(self._ram_view[first * RECORD_SIZE : first * RECORD_SIZE + size]) != size:
+                    raise OSError(_ENOSPC)
+                done += run
+        finally:
+            f.close()
+        self._head = lsn + left
+        self._out = src + left
+        return left
+
+    def _recover_head(self, head):
+        """After a failed append at `head`: what reached the segment file is written (its samples
+        leave RAM); returns how many. A file left with a partial record, or shorter than the
+        head, is not appended to again: the head moves to the next segment, and the records in
+        between are missing (skipped and counted in `torn` when read)."""
+        seg = head // SEG_RECORDS
+        base = seg * SEG_RECORDS
+        try:
+            size = os.stat(self._segment_path(seg))[6]
+        except OSError:
+            size = 0
+        end = base + size // RECORD_SIZE
+        moved = end - head if end > head else 0
+        self._out += moved
+        self._head = head + moved
+        if size % RECORD_SIZE or end < head:
+            self._head = base + SEG_RECORDS
+        return moved
+
+    def _make_room(self):
+        """The filesystem is full: drop the oldest segment and hold no more than is left."""
+        flash = self._head - self._tail
+        if not flash:
+            return
+        end = (self._tail // SEG_RECORDS + 1) * SEG_RECORDS
+        if end > self._head:
+            end = self._head
+        self._lost(end - self._tail)
+        self._move_tail(end)
+        held = self._head - self._tail
+        self.capacity = held if held > SEG_RECORDS else SEG_RECORDS
+        print("labfleet: the filesystem is full: flash buffer cut to %d samples" % self.capacity)
+
+    def _drop_ram_beyond_reserve(self):
+        """Keep `reserve` RAM slots free for push(): drop the oldest RAM samples beyond."""
+        excess = self._in - self._out - (self.ram_capacity - self.reserve)
+        if excess > 0:
+            self._out += excess
+            self._lost(excess)
 
     def _lost(self, k):
         """k of the oldest samples were dropped; any of them in flight become ghosts."""
@@ -459,49 +519,59 @@ class Store:
         out[pos + 3] = 0x6C  # l
         return pos + 4
 
-    # --- the flash ring file -------------------------------------------------------------
+    # --- the segment files -------------------------------------------------------------
 
-    def _read_slots(self, slot, count):
-        """Read count records from slot on into _chunk; returns the bytes read."""
-        f = self._file
-        f.seek((1 + slot) * RECORD_SIZE)
-        got = f.readinto(self._chunk, count * RECORD_SIZE)
-        return got or 0
+    def _segment_path(self, seg):
+        return "%s/%d" % (self.path, seg)
+
+    def _read_records(self, lsn, count):
+        """Read count records from lsn on (one segment) into _chunk; returns the bytes read (0
+        for a missing segment)."""
+        seg = lsn // SEG_RECORDS
+        try:
+            if self._rseg != seg:
+                self._close_reader()
+                self._rfile = open(self._segment_path(seg), "rb")  # noqa: SIM115 - kept open
+                self._rseg = seg
+            f = self._rfile
+            f.seek((lsn % SEG_RECORDS) * RECORD_SIZE)
+            return f.readinto(self._chunk, count * RECORD_SIZE) or 0
+        except OSError:
+            return 0
+
+    def _close_reader(self):
+        if self._rfile is not None:
+            self._rfile.close()
+        self._rfile = None
+        self._rseg = -1
 
     def _valid(self, buf, off, lsn):
         return u32(buf, off) == lsn and sealed(buf, off, off + CRC_AT)
 
-    # --- the journal of (tail, head) -----------------------------------------------------
+    def _move_tail(self, tail):
+        """The oldest pending record is now `tail`: delete the segments wholly before it."""
+        seg = self._tail // SEG_RECORDS
+        self._tail = tail
+        first = tail // SEG_RECORDS
+        while seg < first:
+            if self._rseg == seg:
+                self._close_reader()
+            try:
+                os.remove(self._segment_path(seg))
+            except OSError as e:
+                if e.args[0] != _ENOENT:  # a missing segment is a hole already counted
+                    self.flash_errors += 1
+            seg += 1
 
-    def _journal_path(self, index):
-        return "%s.j%d" % (self.path, index)
-
-    def _write_journal(self):
-        buf = self._journal_buf
-        struct.pack_into(JOURNAL_ENTRY, buf, 0, self._tail, self._head, 0)
-        seal(buf, 0, 8)
-        if self._journal_entries >= JOURNAL_MAX:
-            # Start the other file with this entry, then drop the full one: at every moment one
-            # of the two holds the newest entry (both are read on open, the larger pair wins).
-            old = self._journal_index
-            if self._journal is not None:
-                self._journal.close()
-                self._journal = None
-            self._journal_index = 1 - old
-            with open(self._journal_path(self._journal_index), "wb") as f:
+    def _write_tail(self):
+        buf = self._tail_buf
+        struct.pack_into("<I", buf, 0, self._tail)
+        seal(buf, 0, 4)
+        try:
+            with open("%s/%s" % (self.path, TAIL_FILE), "wb") as f:
                 f.write(buf)
-            remove_file(self._journal_path(old))
-            self._journal_entries = 1
-            return
-        if self._journal is None:
-            self._journal = open(self._journal_path(self._journal_index), "ab")  # noqa: SIM115
-        self._journal.write(buf)
-        self._journal.flush()
-        self._journal_entries += 1
+        except OSError:
+            self.flash_errors += 1  # a reset sends the committed ones again: the recorder drops them
 
     def close(self):
-        for f in (self._file, self._journal):
-            if f is not None:
-                f.close()
-        self._file = None
-        self._journal = None
+        self._close_reader()

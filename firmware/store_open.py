@@ -1,186 +1,140 @@
-# Opening the store's flash ring file at boot: create it, or recover where its records begin and
-# end after a reset (see store.py for the file format and the journal). Store() imports this
-# module, calls open_ring() and unloads it again: this code runs once per boot, and on the
-# ESP8266 every byte of resident code is heap the app cannot use.
+# Opening the store's flash FIFO at boot: create its directory, or recover where its records
+# begin and end after a reset (see store.py for the segment files and the tail file). Store()
+# imports this module, calls open_fifo() and unloads it again: this code runs once per boot, and
+# on the ESP8266 every byte of resident code is heap the app cannot use.
 
 import os
 import struct
 
 from micropython import const
-from store import (
-    CRC_AT,
-    JOURNAL_ENTRY,
-    JOURNAL_MAX,
-    JOURNAL_SIZE,
-    READ_CHUNK,
-    RECORD_SIZE,
-    remove_file,
-    seal,
-    sealed,
-    u32,
-)
+from store import RECORD_SIZE, SEG_RECORDS, TAIL_FILE, sealed
 
-_MAGIC = b"LFSB"
-_FORMAT_VERSION = const(1)
-_HEADER = "<4sHHI"  # magic, format version, record size, capacity; crc at CRC_AT
-_FLASH_SHARE = const(4)  # the flash ring may take 3/4 of the free filesystem space
+_FLASH_SHARE = const(4)  # the segments may take 3/4 of the filesystem's free blocks
+_DIR_MODE = const(0x4000)
+# The flash ring of firmware before the segment files: a 600 KB file rewritten in the middle on
+# every flush, which LittleFS cannot afford. Removed (what it held is not read) for the room.
+_LEGACY = ("samples.dat", "samples.dat.j0", "samples.dat.j1")
 
 
-def open_ring(store, capacity):
-    """Open store.path as the store's flash ring of `capacity` records (a new ring if the file
-    is missing or not a ring; the old ring's size until it is empty if the size changed)."""
-    capacity = _fitting(store.path, capacity)
+def open_fifo(store, capacity):
+    """Open store.path as the store's flash FIFO of at most `capacity` records (fewer when the
+    filesystem cannot hold that many segments)."""
+    path = store.path
+    for name in _LEGACY:
+        try:
+            os.remove(name)
+        except OSError:
+            pass
+    try:
+        if os.stat(path)[0] & _DIR_MODE == 0:
+            os.remove(path)  # not a FIFO directory (an older firmware's ring file): replaced
+            os.mkdir(path)
+    except OSError:
+        try:
+            os.mkdir(path)
+        except OSError as e:
+            print("labfleet: no flash buffer (%s: %s): RAM only" % (path, e))
+            return
+    segments = []
+    for entry in os.ilistdir(path):
+        name = entry[0]
+        if name.isdigit():
+            segments.append(int(name))
+        elif name.endswith(".new"):  # a rewrite a reset cut short (the segment itself is whole)
+            os.remove("%s/%s" % (path, name))
+    capacity = _fitting(path, capacity, len(segments))
     if not capacity:
-        return  # RAM only
-    try:
-        f = open(store.path, "r+b")  # noqa: SIM115 - open for the store's lifetime
-    except OSError:
-        f = None
-    file_capacity = _read_header(store, f) if f is not None else 0
-    if not file_capacity:
-        if f is not None:
-            f.close()
-        _create(store, capacity, 0)
+        return  # RAM only (what is on flash stays until the filesystem has room again)
+    store.capacity = capacity
+    tail = _read_tail(store)
+    if not segments:
+        store._tail = store._head = tail if tail is not None else 0
         return
-    store._file = f
-    store.capacity = file_capacity
-    entry = _read_journals(store)
-    if entry is None:
-        _scan(store)
-    else:
-        tail, head = entry
-        head = _find_head(store, head)
-        if tail < head - file_capacity:
-            tail = head - file_capacity
-        store._tail = tail
-        store._head = head
-    if file_capacity != capacity and store._head == store._tail:
-        # The configured size changed: it takes effect once the old ring is empty, so no
-        # sample is lost to a resize.
-        f.close()
-        store._file = None
-        _create(store, capacity, store._head)
+    segments.sort()
+    newest = segments[-1]
+    head = _segment_end(store, newest)
+    oldest = segments[0] * SEG_RECORDS
+    if tail is None or not oldest <= tail <= head:
+        tail = oldest
+    if head - tail > capacity:  # the configured size shrank: keep the newest
+        store._lost(head - capacity - tail)
+        tail = head - capacity
+    store._tail = segments[0] * SEG_RECORDS
+    store._head = head
+    store._move_tail(tail)
 
 
-def _fitting(path, wanted):
-    """The flash ring's size: as configured, but never more than the filesystem can hold."""
+def _segment_end(store, seg):
+    """The lsn after the newest segment's last valid record. A file ending in a partial or
+    damaged record (a reset in the middle of a write, on a filesystem without atomic syncs) is
+    replaced by its valid records, so the next append lands where its lsns say."""
+    base = seg * SEG_RECORDS
     try:
-        st = os.statvfs("/")
-        free = st[0] * st[4]
+        size = os.stat(store._segment_path(seg))[6]
     except OSError:
-        return wanted
-    try:
-        free += os.stat(path)[6]
-    except OSError:
-        pass
-    most = free * (_FLASH_SHARE - 1) // _FLASH_SHARE // RECORD_SIZE
-    if wanted > most:
-        print("labfleet: flash ring cut to %d samples: the filesystem is too small" % most)
-        return most
-    return wanted
+        return base + SEG_RECORDS
+    records = size // RECORD_SIZE
+    if records > SEG_RECORDS:
+        return base + SEG_RECORDS  # not written by this store: left alone, read as damaged
+    keep = records
+    while keep and not _holds(store, base + keep - 1):
+        keep -= 1
+    if keep < records or size % RECORD_SIZE:
+        _rewrite_prefix(store, seg, keep)
+    return base + keep
 
 
-def _slot_holds(store, lsn):
-    got = store._read_slots(lsn % store.capacity, 1)
+def _holds(store, lsn):
+    got = store._read_records(lsn, 1)
+    store._close_reader()
     return got == RECORD_SIZE and store._valid(store._chunk, 0, lsn)
 
 
-def _find_head(store, lsn):
-    """The first lsn from `lsn` on that was never written. A damaged record followed by valid
-    ones (a flipped bit, not a torn write at the head) does not end the ring: it is skipped and
-    counted when read."""
-    while True:
-        if _slot_holds(store, lsn):
-            lsn += 1
-            continue
-        for ahead in range(1, READ_CHUNK + 1):
-            if _slot_holds(store, lsn + ahead):
-                lsn += ahead + 1
-                break
-        else:
-            return lsn
-
-
-def _read_header(store, f):
-    header = store._chunk
-    f.seek(0)
-    if f.readinto(header, RECORD_SIZE) != RECORD_SIZE or not sealed(header, 0, CRC_AT):
-        return 0
-    magic, version, record_size, capacity = struct.unpack_from(_HEADER, header, 0)
-    if magic != _MAGIC or version != _FORMAT_VERSION or record_size != RECORD_SIZE:
-        return 0
-    return capacity
-
-
-def _create(store, capacity, lsn):
-    """A new, empty ring file whose next record is number lsn."""
-    header = bytearray(RECORD_SIZE)
-    struct.pack_into(_HEADER, header, 0, _MAGIC, _FORMAT_VERSION, RECORD_SIZE, capacity)
-    seal(header, 0, CRC_AT)
-    with open(store.path, "wb") as f:
-        f.write(header)
-    store._file = open(store.path, "r+b")  # noqa: SIM115 - open for the store's lifetime
-    store.capacity = capacity
-    store._tail = lsn
-    store._head = lsn
-    for index in (0, 1):
-        remove_file(store._journal_path(index))
-    store._journal = None
-    store._journal_entries = JOURNAL_MAX  # the first entry starts a fresh journal file
-    store._write_journal()
-
-
-def _scan(store):
-    """Recovery without a journal: the newest valid record, then back while contiguous."""
-    cap = store.capacity
+def _rewrite_prefix(store, seg, keep):
+    """Segment seg replaced by its first `keep` records (a new file renamed over it)."""
+    path = store._segment_path(seg)
+    new = path + ".new"
     chunk = store._chunk
-    newest = -1
-    slot = 0
-    while slot < cap:
-        run = cap - slot if cap - slot < READ_CHUNK else READ_CHUNK
-        got = store._read_slots(slot, run)
-        if got < RECORD_SIZE:
-            break
-        for j in range(got // RECORD_SIZE):
-            off = j * RECORD_SIZE
-            lsn = u32(chunk, off)
-            if lsn > newest and lsn % cap == slot + j and sealed(chunk, off, off + CRC_AT):
-                newest = lsn
-        slot += run
-    if newest < 0:
-        store._tail = store._head = 0
-        return
-    tail = newest
-    while tail > 0 and tail > newest - cap + 1 and _slot_holds(store, tail - 1):
-        tail -= 1
-    store._tail = tail
-    store._head = newest + 1
-    store._journal_entries = JOURNAL_MAX
-    store._write_journal()
+    per_read = len(chunk) // RECORD_SIZE
+    with open(new, "wb") as out:
+        done = 0
+        while done < keep:
+            run = keep - done if keep - done < per_read else per_read
+            got = store._read_records(seg * SEG_RECORDS + done, run)
+            out.write(memoryview(chunk)[:got])
+            done += run
+    store._close_reader()
+    os.rename(new, path)
 
 
-def _read_journals(store):
-    """The newest valid (tail, head) of both journal files; remembers which file has it."""
-    best = None
-    buf = store._journal_buf
-    for index in (0, 1):
-        try:
-            f = open(store._journal_path(index), "rb")  # noqa: SIM115 - closed in finally
-        except OSError:
-            continue
-        try:
-            entries = f.seek(0, 2) // JOURNAL_SIZE
-            k = entries
-            while k > 0:
-                k -= 1
-                f.seek(k * JOURNAL_SIZE)
-                if f.readinto(buf) == JOURNAL_SIZE and sealed(buf, 0, 8):
-                    tail, head, _ = struct.unpack_from(JOURNAL_ENTRY, buf, 0)
-                    if tail <= head and (best is None or (tail, head) > best):
-                        best = (tail, head)
-                        store._journal_index = index
-                        store._journal_entries = entries
-                    break
-        finally:
-            f.close()
-    return best
+def _read_tail(store):
+    buf = store._tail_buf
+    try:
+        with open("%s/%s" % (store.path, TAIL_FILE), "rb") as f:
+            got = f.readinto(buf)
+    except OSError:
+        return None
+    if got != len(buf) or not sealed(buf, 0, 4):
+        return None
+    return struct.unpack_from("<I", buf, 0)[0]
+
+
+def _fitting(path, wanted, segments):
+    """The FIFO's size in records: as configured, but never more segments than the filesystem
+    can hold. Each segment is one block; up to two more than capacity / SEG_RECORDS are open
+    at once (the oldest partly committed, the newest partly written)."""
+    try:
+        st = os.statvfs(path)
+        blocks = st[3] + segments  # free blocks and those the segments already hold
+        block_size = st[0]
+    except OSError:
+        return wanted
+    if block_size < SEG_RECORDS * RECORD_SIZE:
+        blocks = blocks * block_size // (SEG_RECORDS * RECORD_SIZE)
+    most = (blocks * (_FLASH_SHARE - 1) // _FLASH_SHARE - 2) * SEG_RECORDS
+    if most < 0:
+        most = 0
+    if wanted > most:
+        print("labfleet: flash buffer cut to %d samples: the filesystem is too small" % most)
+        return most
+    return wanted

@@ -96,7 +96,7 @@ class Model:
 OPS_SCRIPT = """
 ops = json.load(open("ops.json"))
 RAM, FLASH, BATCH = ops["ram"], ops["flash"], ops["batch"]
-s = store.Store(RAM, FLASH, "samples.dat", batch=BATCH)
+s = store.Store(RAM, FLASH, "fifo", batch=BATCH)
 boot, seq, i = 1, 0, 0
 batches = []
 for op in ops["ops"]:
@@ -121,7 +121,7 @@ for op in ops["ops"]:
         s.flush()
     elif kind == "reset":
         s.close()
-        s = store.Store(RAM, FLASH, "samples.dat", batch=BATCH)
+        s = store.Store(RAM, FLASH, "fifo", batch=BATCH)
         batches = []
         boot += 1
         seq = 0
@@ -207,7 +207,7 @@ def clamp_pushes(ops: list[list[Any]], limit: int, batch: int) -> list[list[Any]
 WRITE_SCRIPT = """
 import sys
 boot, first, count, flush_every, commit = [int(a) for a in sys.argv[1:6]]
-s = store.Store(20, int(sys.argv[6]), "samples.dat", batch=50)
+s = store.Store(20, int(sys.argv[6]), "fifo", batch=50)
 start_depth = s.depth()
 for k in range(count):
     i = first + k
@@ -225,7 +225,7 @@ print(json.dumps({"start_depth": start_depth, "depth": s.depth(), "flash": s.fla
 
 READ_SCRIPT = """
 import sys
-s = store.Store(20, int(sys.argv[1]), "samples.dat", batch=50)
+s = store.Store(20, int(sys.argv[1]), "fifo", batch=50)
 while s.pending():
     n = s.take(50)
     print(str(bytes(s.batch()), "ascii"))
@@ -281,66 +281,78 @@ def test_torn_last_record_is_detected_and_overwritten(
     micropython_bin: str, lib: Path, tmp_path: Path
 ) -> None:
     write(micropython_bin, lib, tmp_path, 1, 0, 101, 10, 0, 1000)  # 100 flushed
-    data = tmp_path / "samples.dat"
+    data = tmp_path / "fifo" / "0"
     size = data.stat().st_size
     with data.open("r+b") as f:  # a reset in the middle of writing the 100th record
         f.truncate(size - 11)
     second = write(micropython_bin, lib, tmp_path, 2, 1000, 21, 10, 0, 1000)
     assert second["start_depth"] == 99
-    got = read_all(micropython_bin, lib, tmp_path, 1000)["samples"]
-    assert got == [sample(1, k, k) for k in range(99)] + [sample(2, k, 1000 + k) for k in range(20)]
+    got = read_all(micropython_bin, lib, tmp_path, 1000)
+    assert got["samples"] == [sample(1, k, k) for k in range(99)] + [
+        sample(2, k, 1000 + k) for k in range(20)
+    ]
+    assert got["torn"] == 0
+    assert not list((tmp_path / "fifo").glob("*.new"))
 
 
-def test_damaged_record_inside_the_ring_is_skipped_and_counted(
+def test_damaged_record_inside_the_fifo_is_skipped_and_counted(
     micropython_bin: str, lib: Path, tmp_path: Path
 ) -> None:
     write(micropython_bin, lib, tmp_path, 1, 0, 51, 10, 0, 1000)
-    data = tmp_path / "samples.dat"
+    data = tmp_path / "fifo" / "0"
     raw = bytearray(data.read_bytes())
     record = 28
-    raw[(1 + 20) * record + 9] ^= 0x40  # one bit of record 20's seq
+    raw[20 * record + 9] ^= 0x40  # one bit of record 20's seq
     data.write_bytes(bytes(raw))
     result = read_all(micropython_bin, lib, tmp_path, 1000)
     assert result["samples"] == [sample(1, k, k) for k in range(50) if k != 20]
     assert result["torn"] == 1
 
 
-def test_torn_journal_entry_falls_back_to_the_previous(
+def test_a_missing_segment_is_skipped_and_counted(micropython_bin: str, lib: Path, tmp_path: Path) -> None:
+    write(micropython_bin, lib, tmp_path, 1, 0, 401, 10, 0, 1000)  # 400 flushed: segments 0, 1, 2
+    (tmp_path / "fifo" / "1").unlink()
+    result = read_all(micropython_bin, lib, tmp_path, 1000)
+    seg = 146
+    assert result["samples"] == [sample(1, k, k) for k in range(400) if not seg <= k < 2 * seg]
+    assert result["torn"] == seg
+
+
+def test_a_damaged_tail_file_sends_the_oldest_segment_again(
     micropython_bin: str, lib: Path, tmp_path: Path
 ) -> None:
-    write(micropython_bin, lib, tmp_path, 1, 0, 101, 10, 30, 1000)  # journal: ..., tail 30
-    write(micropython_bin, lib, tmp_path, 1, 500, 0, 10, 20, 1000)  # journal: ..., tail 50
-    journal = next(tmp_path.glob("samples.dat.j*"))
-    raw = journal.read_bytes()
-    journal.write_bytes(raw[:-3])  # the last entry (tail 50) torn
+    write(micropython_bin, lib, tmp_path, 1, 0, 101, 10, 30, 1000)  # tail 30
+    write(micropython_bin, lib, tmp_path, 1, 500, 0, 10, 20, 1000)  # tail 50
+    tail = tmp_path / "fifo" / "tail"
+    tail.write_bytes(tail.read_bytes()[:-1])  # torn
     got = read_all(micropython_bin, lib, tmp_path, 1000)["samples"]
-    # Back to tail 30: the 20 committed after it are sent again (the recorder drops duplicates).
-    assert got == [sample(1, k, k) for k in range(30, 100)]
+    # Back to the oldest segment's start: the 50 committed are sent again (the recorder drops
+    # duplicates); nothing pending is lost.
+    assert got == [sample(1, k, k) for k in range(100)]
 
 
-def test_journal_files_stay_small_over_many_commits(micropython_bin: str, lib: Path, tmp_path: Path) -> None:
+def test_committed_segments_are_deleted(micropython_bin: str, lib: Path, tmp_path: Path) -> None:
     body = """
-s = store.Store(20, 100, "samples.dat", batch=5)
+s = store.Store(20, 1000, "fifo", batch=5)
 for i in range(3000):
     s.push(*sample(1, i, i))
     s.flush()
     if i % 3 == 2:
         while s.pending():
             s.commit(s.take(1))
-print(json.dumps({"depth": s.depth()}))
+print(json.dumps({"depth": s.depth(), "errors": s.flash_errors}))
 """
-    assert run(micropython_bin, lib, body, tmp_path)[0]["depth"] == 0
-    journals = sorted(tmp_path.glob("samples.dat.j*"))
-    assert 1 <= len(journals) <= 2
-    assert sum(j.stat().st_size for j in journals) <= 10 * 400
-    assert read_all(micropython_bin, lib, tmp_path, 100)["samples"] == []
+    assert run(micropython_bin, lib, body, tmp_path)[0] == {"depth": 0, "errors": 0}
+    files = sorted(p.name for p in (tmp_path / "fifo").iterdir())
+    assert files == ["20", "tail"]  # 3000 // 146: the head's segment, and the tail
+    assert read_all(micropython_bin, lib, tmp_path, 1000)["samples"] == []
 
 
 def test_flash_overflow_drops_the_oldest_and_counts_them(
     micropython_bin: str, lib: Path, tmp_path: Path
 ) -> None:
     body = """
-s = store.Store(10, 50, "samples.dat", batch=8)
+s = store.Store(10, 50, "fifo", batch=8)
 for i in range(30):
     s.push(*sample(1, i, i))
     if s.ram_depth() == 10:
@@ -368,7 +380,7 @@ def test_ram_only_overflow_drops_the_oldest_and_counts(
     micropython_bin: str, lib: Path, tmp_path: Path
 ) -> None:
     body = """
-s = store.Store(20, 0, "unused.dat", batch=50, reserve=5)
+s = store.Store(20, 0, "unused", batch=50, reserve=5)
 for i in range(100):
     s.push(*sample(1, i, i))
     s.flush()
@@ -378,12 +390,12 @@ print(json.dumps({"dropped": s.dropped, "overruns": s.overruns, "batch": json.lo
     out = run(micropython_bin, lib, body, tmp_path)[0]
     assert out["batch"] == [sample(1, i, i) for i in range(85, 100)]
     assert (out["dropped"], out["overruns"]) == (85, 0)
-    assert not list(tmp_path.glob("unused.dat*"))
+    assert not list(tmp_path.glob("unused*"))
 
 
 def test_push_into_full_ram_is_counted_not_silent(micropython_bin: str, lib: Path, tmp_path: Path) -> None:
     body = """
-s = store.Store(10, 100, "samples.dat")
+s = store.Store(10, 100, "fifo")
 stored = [s.push(*sample(1, i, i)) for i in range(12)]
 print(json.dumps({"stored": stored, "overruns": s.overruns, "depth": s.depth()}))
 """
@@ -391,22 +403,28 @@ print(json.dumps({"stored": stored, "overruns": s.overruns, "depth": s.depth()})
     assert out == {"stored": [True] * 10 + [False] * 2, "overruns": 2, "depth": 10}
 
 
-def test_capacity_change_waits_for_an_empty_ring(micropython_bin: str, lib: Path, tmp_path: Path) -> None:
+def test_a_smaller_capacity_keeps_the_newest_and_counts_the_rest(
+    micropython_bin: str, lib: Path, tmp_path: Path
+) -> None:
     body = """
 import sys
-s = store.Store(10, int(sys.argv[1]), "samples.dat")
-print(json.dumps({"capacity": s.capacity, "depth": s.depth()}))
+s = store.Store(10, int(sys.argv[1]), "fifo")
+print(json.dumps({"capacity": s.capacity, "depth": s.depth(), "dropped": s.dropped}))
 if sys.argv[2] == "fill":
     for i in range(15):
         s.push(*sample(1, i, i))
         s.flush()
-if sys.argv[2] == "drain":
-    while s.pending():
-        s.commit(s.take(60))
 """
-    assert run(micropython_bin, lib, body, tmp_path, args=("100", "fill")) == [{"capacity": 100, "depth": 0}]
-    assert run(micropython_bin, lib, body, tmp_path, args=("40", "drain")) == [{"capacity": 100, "depth": 15}]
-    assert run(micropython_bin, lib, body, tmp_path, args=("40", "")) == [{"capacity": 40, "depth": 0}]
+    assert run(micropython_bin, lib, body, tmp_path, args=("100", "fill")) == [
+        {"capacity": 100, "depth": 0, "dropped": 0}
+    ]
+    assert run(micropython_bin, lib, body, tmp_path, args=("40", "")) == [
+        {"capacity": 40, "depth": 15, "dropped": 0}
+    ]
+    assert run(micropython_bin, lib, body, tmp_path, args=("10", "")) == [
+        {"capacity": 10, "depth": 10, "dropped": 5}
+    ]
+    assert read_all(micropython_bin, lib, tmp_path, 10)["samples"] == [sample(1, i, i) for i in range(5, 15)]
 
 
 # --- the payload -----------------------------------------------------------------------------
@@ -426,7 +444,7 @@ def test_batch_is_the_protocol_json_with_nulls_and_extremes(
         [5, 6, T0 + 5, -8388608, 10, -10, 4],
     ]
     body = f"""
-s = store.Store(10, 20, "samples.dat", batch=10)
+s = store.Store(10, 20, "fifo", batch=10)
 for values in {samples!r}:
     s.push(*values)
 s.flush()                          # half from flash, half from RAM
@@ -491,7 +509,7 @@ def test_heap_stays_bounded_over_a_long_run_with_flash(
 ) -> None:
     body = """
 import gc
-s = store.Store(120, 2000, "samples.dat", batch=60)
+s = store.Store(120, 2000, "fifo", batch=60)
 def run(rounds):
     i = 0
     for r in range(rounds):
