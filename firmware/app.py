@@ -14,7 +14,13 @@
 #   - network work that can block for a moment (WiFi status, NTP, MQTT connect, info, health)
 #     runs just after a sample was taken, when the next SQW edge is most of a second away.
 # WiFi: the configured networks are tried in order; once associated, the ESP8266 reconnects by
-# itself after a drop, so the next network is only tried after WIFI_SWITCH_MS without a link.
+# itself after a drop, so the next network is only tried after WIFI_SWITCH_MS without a link,
+# and after every round through them the wait doubles (up to _WIFI_SWITCH_MAX_MS): each connect
+# with other credentials writes the SDK's config sector (wifi_station_set_config), so a day
+# without any network costs ~180 sector writes with two networks, not ~2,900.
+# Ticks: no stored ticks_ms older than a few seconds is ever compared (ticks_diff is only
+# meaningful within 2**29 ms, 6.2 days): how long the link has been down is counted in the
+# loop's own steps, as the uptime is.
 # MQTT: clean session, client id = device name, the retained `offline` last will in CONNECT;
 # on every connect retained `online` and info, then data; retained health every health_s.
 # Reconnects back off exponentially (capped, jittered). The board subscribes to nothing.
@@ -43,6 +49,7 @@ SAMPLES_DIR = "fifo"  # the store's flash FIFO (a directory of segment files)
 
 _WIFI_CHECK_MS = const(2000)
 WIFI_SWITCH_MS = const(30000)  # no link for this long: associate with the next network
+_WIFI_SWITCH_MAX_MS = const(480000)
 _LINK_LOST_MS = const(10000)  # no link for this long: the MQTT connection is dead, close it
 _BACKOFF_FIRST_MS = const(1000)
 _BACKOFF_MAX_MS = const(60000)
@@ -95,8 +102,9 @@ class App:
         self.toggled = False
         self.net_index = 0
         self.wifi_up = False
-        self.wifi_tried = now
-        self.wifi_lost = now
+        self.wifi_down_ms = 0  # how long the link has been down (counted up to WIFI_SWITCH_MS)
+        self.wifi_wait_ms = 0  # down time since the last network switch (likewise, to the wait)
+        self.wifi_switch_ms = WIFI_SWITCH_MS  # the wait before the next switch
         self.wifi_checked = now
         # what each in-flight publish holds, in publish order: n > 0 a data batch of n FIFO
         # positions, 0 anything else, -n a batch of damaged records completing with its
@@ -116,7 +124,6 @@ class App:
         self.connect_at = now
         self.info_due = False
         self.rtc_tried = now
-        self.boot_ticks = now
         self.last_ticks = now
         self.up_s = 0  # uptime, accumulated from ticks (ticks_ms wraps after 12 days)
         self.up_ms = 0
@@ -160,7 +167,7 @@ class App:
             self.check_button(now)
             if not sampler.enabled:
                 ts = self.timesync
-                if ts.synced or time.ticks_diff(now, self.boot_ticks) >= self.BOOT_SYNC_WAIT_MS:
+                if ts.synced or self.up_s * 1000 >= self.BOOT_SYNC_WAIT_MS:
                     if not ts.synced:
                         print("labfleet: no NTP answer: sampling flagged time_unsynced")
                     sampler.enabled = True
@@ -206,9 +213,10 @@ class App:
 
     def network(self, now):
         """At most one operation that may block for a moment per call."""
-        if time.ticks_diff(now, self.wifi_checked) >= _WIFI_CHECK_MS:
+        elapsed = time.ticks_diff(now, self.wifi_checked)
+        if elapsed >= _WIFI_CHECK_MS:
             self.wifi_checked = now
-            self.check_wifi(now)
+            self.check_wifi(now, elapsed)
             return
         if not self.wifi_up:
             return
@@ -238,21 +246,29 @@ class App:
         except OSError as e:
             self.drop(e)
 
-    def check_wifi(self, now):
+    def check_wifi(self, now, elapsed):
         up = self.wlan.isconnected()
         if up and not self.wifi_up:
             self.backoff_ms = 0  # the link is back: the broker may well be reachable again
             self.connect_at = now
         self.wifi_up = up
         if up:
-            self.wifi_lost = now
+            self.wifi_down_ms = 0
+            self.wifi_wait_ms = WIFI_SWITCH_MS  # a link lost later: the next network after that long
+            self.wifi_switch_ms = WIFI_SWITCH_MS
             return
-        lost_for = time.ticks_diff(now, self.wifi_lost)
-        if self.client.sock is not None and lost_for >= _LINK_LOST_MS:
+        # counted only as far as they are compared, so they stay small ints for months
+        down = self.wifi_down_ms + elapsed
+        self.wifi_down_ms = down if down < WIFI_SWITCH_MS else WIFI_SWITCH_MS
+        wait = self.wifi_wait_ms + elapsed
+        self.wifi_wait_ms = wait if wait < _WIFI_SWITCH_MAX_MS else _WIFI_SWITCH_MAX_MS
+        if self.client.sock is not None and down >= _LINK_LOST_MS:
             self.drop(None)
-        if lost_for >= WIFI_SWITCH_MS and time.ticks_diff(now, self.wifi_tried) >= WIFI_SWITCH_MS:
+        if down >= WIFI_SWITCH_MS and self.wifi_wait_ms >= self.wifi_switch_ms:
             self.net_index = (self.net_index + 1) % len(self.networks)
-            self.wifi_tried = now
+            self.wifi_wait_ms = 0
+            if self.net_index == 0 and self.wifi_switch_ms < _WIFI_SWITCH_MAX_MS:
+                self.wifi_switch_ms *= 2  # a whole round without a link: try less often
             try:
                 self.wlan.connect(*self.networks[self.net_index])
             except OSError as e:

@@ -71,7 +71,9 @@ class Sampler:
         self.seq = 0  # seq of the next sample
         self.done = 0  # edges handled (sampled or skipped)
         self.base = None  # DS3231 second of edge number 0; None: not anchored
-        self.anchor_after = time.ticks_ms()  # only an edge after this may anchor
+        # Only an edge after this may anchor; None once an edge after it came (a ticks value is
+        # compared only while it is recent: ticks_diff means nothing beyond 2**29 ms, 6.2 days).
+        self.anchor_after = time.ticks_ms()
         self.busy = False  # an ambient conversion of the current sample is running
         self.due = 0  # ticks_ms when to poll the ambient sensor
         self._t = 0  # the sample in progress: its second, the ticks of its edge, its kT
@@ -143,8 +145,10 @@ class Sampler:
         ticks = _edge_ticks
         if self.base is None:
             self.done = edges
-            if time.ticks_diff(ticks, self.anchor_after) < 0:
-                return  # an edge of the DS3231's old phase
+            if self.anchor_after is not None:
+                if time.ticks_diff(ticks, self.anchor_after) < 0:
+                    return  # an edge of the DS3231's old phase
+                self.anchor_after = None
             try:
                 second = self.rtc.time()
             except NotAnswering:
@@ -214,7 +218,7 @@ class Sampler:
         tc = self.tc
         if tc is not None:
             wait = tc.conversion_ms - time.ticks_diff(time.ticks_ms(), self._tc_at)
-            if wait > 0:
+            if 0 < wait <= tc.conversion_ms:  # (more: the last read was days ago, ticks wrapped)
                 time.sleep_ms(wait)
             try:
                 kt = tc.read()

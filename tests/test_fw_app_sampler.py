@@ -231,3 +231,88 @@ edge({T0} + 3); run()
     assert late(got) == []
     assert all(s[protocol.I_KT] is not None for s in got)
     assert_values_are_of_their_second(got)
+
+
+# The ESP8266 port's ticks: MICROPY_PY_TIME_TICKS_PERIOD is MP_SMALL_INT_POSITIVE_MASK + 1
+# (py/mpconfig.h), 2**30 with the port's 31-bit small ints, and ticks_add raises OverflowError
+# for a delta of 2**29 or more (extmod/modtime.c). The unix port's period is 2**62, so a stand-in
+# `time` with the chip's period and a clock the script moves.
+CHIP_TIME = """
+class ChipTime:
+    PERIOD = 1 << 30
+    now_ms = 0
+
+    @staticmethod
+    def ticks_ms():
+        return ChipTime.now_ms & (ChipTime.PERIOD - 1)
+
+    @staticmethod
+    def ticks_diff(a, b):
+        half = ChipTime.PERIOD >> 1
+        return ((a - b + half) & (ChipTime.PERIOD - 1)) - half
+
+    @staticmethod
+    def ticks_add(t, delta):
+        if not -(ChipTime.PERIOD >> 1) < delta < ChipTime.PERIOD >> 1:
+            raise OverflowError("ticks interval overflow")
+        return (t + delta) & (ChipTime.PERIOD - 1)
+
+    @staticmethod
+    def sleep_ms(ms):
+        ChipTime.now_ms += ms
+
+sys.modules["time"] = ChipTime
+"""
+
+FORTNIGHT = """
+DAY = 86400
+days = 14
+drops = {int(d * DAY) for d in (6.5, 8, 9.5, 11, 12, 13.5)}  # the DS3231 read disagrees: re-anchor
+set_at = 7 * DAY  # timesync writes the DS3231 (the same second, a new phase)
+expected = None
+sent = dupes = gaps = valued = 0
+for k in range(days * DAY):
+    ChipTime.now_ms += 1000
+    second = T0 + k
+    if k == set_at:
+        ChipTime.now_ms += 3
+        smp.reanchor(ChipTime.ticks_ms())
+        ChipTime.now_ms += 3
+    edge(second, shows=second + 7 if k in drops else None)
+    run()
+    if k % 100 == 99 or k == days * DAY - 1:
+        while s.pending():
+            n = s.take(200)
+            for row in json.loads(bytes(s.batch())):
+                t = row[2]
+                if expected is not None and t != expected:
+                    if t < expected:
+                        dupes += 1
+                    else:
+                        gaps += t - expected
+                expected = t + 1
+                sent += 1
+                valued += row[3] is not None
+            s.commit(n)
+print(json.dumps({"sent": sent, "dupes": dupes, "gaps": gaps, "valued": valued, "last": expected - 1}))
+"""
+
+
+@pytest.mark.slow
+def test_a_fortnight_of_chip_ticks_with_a_clock_set_and_anchors_dropped(
+    micropython_bin: str, lib: Path, tmp_path: Path
+) -> None:
+    """ticks_ms wraps at 2**30 ms (12.4 days) on the chip and ticks_diff means nothing beyond
+    2**29 ms (6.2 days): an anchor dropped more than 6.2 days after the last one must still
+    re-anchor at the next edge (it waited up to 6.2 days, no samples, before)."""
+    harness = HARNESS.replace("import sampler, store", CHIP_TIME + "import sampler, store")
+    body = FORTNIGHT.replace("T0", str(T0))
+    out = checked(run_script(micropython_bin, lib, harness + body, tmp_path, heap="512K", timeout=600))[-1]
+    seconds_run = 14 * 86400
+    # every second once from the first anchor on, but for the edge that anchors after the set
+    # (a clock set starts a new sequence of seconds, see test_a_clock_set_...)
+    assert (out["dupes"], out["gaps"]) == (0, 1), out
+    assert out["last"] == T0 + seconds_run - 1
+    assert out["sent"] == seconds_run - 2
+    # the drops and the set cost a second or two of values each, nothing more
+    assert out["valued"] >= out["sent"] - 20, out
