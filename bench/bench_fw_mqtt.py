@@ -1,6 +1,6 @@
 """Replay rate of the board firmware's store-and-forward path, on real MicroPython against mosquitto.
 
-A 21,600-sample backlog (6 h at 1 Hz, the default flash ring) is written to the flash ring the
+A 21,600-sample backlog (6 h at 1 Hz, the default flash buffer) is written to the flash buffer the
 way an outage leaves it, then replayed: store.take() -> MQTTClient.publish(qos=1) -> poll() ->
 store.commit(), with a window of in-flight publishes, versus window=1 (one round trip per
 publish), side by side. A paho subscriber checks every sample arrived. Writes JSON to --out.
@@ -32,7 +32,7 @@ from vboard.broker import Mosquitto  # noqa: E402
 REPLAY = """
 import gc, json, time, mqtt, store
 PORT, BACKLOG, WINDOW, BATCH = [int(a) for a in sys.argv[1:5]]
-s = store.Store(120, BACKLOG, "samples.dat", batch=BATCH)
+s = store.Store(120, BACKLOG, "fifo", batch=BATCH)
 start = time.ticks_ms()
 for i in range(BACKLOG):
     if i and i % 10 == 0:

@@ -398,7 +398,7 @@ def test_broker_restart_mid_replay_loses_nothing(micropython_bin: str, lib: Path
     broker = Mosquitto(tmp_path / "broker")
     body = """
 import store
-s = store.Store(60, 3000, "samples.dat", batch=20)
+s = store.Store(60, 3000, "fifo", batch=20)
 TOTAL = 1500
 for i in range(TOTAL):
     if s.ram_depth() == 60:

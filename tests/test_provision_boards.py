@@ -315,13 +315,16 @@ def flash_dir(lab: dict[str, Any], name: str) -> Path:
     return Path(lab["root"]) / f"fleet-{group}" / name / "flash"
 
 
+STORE_DIR = "fifo"  # firmware/app.py SAMPLES_DIR: the flash buffer's data, not modules
+
+
 def firmware_modules_on_the_filesystem(lab: dict[str, Any], name: str) -> list[str]:
     folder = flash_dir(lab, name)
     return sorted(
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
         if p.suffix in (".mpy", ".py") and p.name not in ("boot.py", "main.py")
-    ) + sorted(p.name + "/" for p in folder.iterdir() if p.is_dir())
+    ) + sorted(p.name + "/" for p in folder.iterdir() if p.is_dir() and p.name != STORE_DIR)
 
 
 def app_module_file(port: str) -> str:
