@@ -524,6 +524,9 @@ class Store:
     def _segment_path(self, seg):
         return "%s/%d" % (self.path, seg)
 
+    def _tail_path(self):
+        return "%s/%s" % (self.path, TAIL_FILE)
+
     def _read_records(self, lsn, count):
         """Read count records from lsn on (one segment) into _chunk; returns the bytes read (0
         for a missing segment)."""
@@ -568,7 +571,7 @@ class Store:
         struct.pack_into("<I", buf, 0, self._tail)
         seal(buf, 0, 4)
         try:
-            with open("%s/%s" % (self.path, TAIL_FILE), "wb") as f:
+            with open(self._tail_path(), "wb") as f:
                 f.write(buf)
         except OSError:
             self.flash_errors += 1  # a reset sends the committed ones again: the recorder drops them

@@ -7,7 +7,7 @@ import os
 import struct
 
 from micropython import const
-from store import RECORD_SIZE, SEG_RECORDS, TAIL_FILE, sealed
+from store import RECORD_SIZE, SEG_RECORDS, sealed
 
 _FLASH_SHARE = const(4)  # the segments may take 3/4 of the filesystem's free blocks
 _DIR_MODE = const(0x4000)
@@ -59,7 +59,7 @@ def open_fifo(store, capacity):
     if head - tail > capacity:  # the configured size shrank: keep the newest
         store._lost(head - capacity - tail)
         tail = head - capacity
-    store._tail = segments[0] * SEG_RECORDS
+    store._tail = oldest
     store._head = head
     store._move_tail(tail)
 
@@ -110,7 +110,7 @@ def _rewrite_prefix(store, seg, keep):
 def _read_tail(store):
     buf = store._tail_buf
     try:
-        with open("%s/%s" % (store.path, TAIL_FILE), "rb") as f:
+        with open(store._tail_path(), "rb") as f:
             got = f.readinto(buf)
     except OSError:
         return None
