@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 from vboard import esprom
 from vboard.bus import I2CBus, Pins, SPIBus
 from vboard.chips.base import I2CDevice
-from vboard.clock import ESP_EPOCH_OFFSET_S, Anchors, SimClock, real_now_us
+from vboard.clock import ESP_EPOCH_OFFSET_S, Anchors, SimClock, cpu_factor, real_now_us
 from vboard.console import ConsoleBridge
 from vboard.net import Gateway, Lan, Station
 from vboard.rom import vb_ipc as ipc
@@ -50,11 +51,11 @@ HARD_RESET = 6
 # -X heapsize when the spec says "auto": the firmware should find about as much free heap as on
 # an ESP8266 (~30 KB free after boot of its 38 KiB heap), scaled for this 64-bit port, whose
 # objects are about twice the size (pointers): 64 KiB. The simulated hardware modules occupy
-# the same heap (on a real board they are in ROM/flash): measured at ~80 KiB before boot.py
+# the same heap (on a real board they are in ROM/flash): measured at ~88 KiB before boot.py
 # (Board.heap_at_boot, with the static pin and WLAN objects and the holes the ROM fills), so
 # they get their own allowance on top.
 ESP8266_EQUIVALENT_HEAP = 64 * 1024
-HAL_HEAP_OVERHEAD = 80 * 1024
+HAL_HEAP_OVERHEAD = 88 * 1024
 # A firmware with a ROMFS partition has it memory-mapped on the chip; this port cannot map a
 # file, so the ROM copies the partition into the heap before boot. The heap gets that much more
 # (plus the GC's allocation tables for it: 2 + 1 bits per 32-byte block, 259/256) so that a
@@ -87,7 +88,7 @@ class Board:
         self.i2c = I2CBus(spec.pins["i2c_scl"], spec.pins["i2c_sda"])
         self.spi = SPIBus(self.pins, 14, 13, 12, miso_float=spec.miso_float)
         self.station = Station(lan, clock, spec.mac)
-        self.gateway = Gateway(lan, self.station, clock)
+        self.gateway = Gateway(lan, self.station, clock, self.board_now)
         self.chips: dict[str, Any] = {}
         self.env: Any = None
         self.console = ConsoleBridge(self.workdir / "console.log", self._serial_input)
@@ -129,6 +130,14 @@ class Board:
         # (vb_rom.fill_heap_holes: the firmware gets its free heap in one piece, as on a board)
         self.heap_holes_at_boot: int | None = None
         self._pin_write_at: float | None = None  # simulated time of the posted pin write in hand
+        # The board's own clock (vb_hal.py): the stamp of its newest request and the real time
+        # it came, so the host knows where the board's time is between requests.
+        self._board_stamp: tuple[float, float] | None = None
+        # where the board's clock started at its last boot (simulated s): the host process's
+        # start-up is no board time, so the board's clock may trail the fleet's a little then
+        self.booted_at: float | None = None
+        self._request_now: float | None = None  # the stamp of the request being served
+        self._sqw_sent: tuple[int, int] | None = None  # the square wave as the board knows it
         self._build_hardware()
 
     # -- construction ----------------------------------------------------------------------
@@ -208,7 +217,7 @@ class Board:
         await self.console.start(self.spec.console_port)
         self._tasks = [
             asyncio.ensure_future(self._run()),
-            asyncio.ensure_future(self._sqw_loop()),
+            asyncio.ensure_future(self._sqw_watch()),
             asyncio.ensure_future(self._wdt_loop()),
         ]
 
@@ -253,10 +262,13 @@ class Board:
     def _params(self, first_boot: bool, soft: bool) -> dict[str, Any]:
         a = self.clock.anchors
         spec = self.spec
+        boot_us = self.clock.now_us()
+        self._board_stamp = (boot_us / 1_000_000, time.time())
+        self.booted_at = boot_us / 1_000_000
         version = f"v{self.firmware.version or spec.mpy_version} on {self.firmware.date or spec.mpy_date}"
         return {
             "anchors": [a.real_us, a.sim_us, a.speed_milli],
-            "boot_sim_us": self.clock.now_us(),
+            "boot_sim_us": boot_us,
             "pin_levels": self.pins.levels(),
             "reset_cause": self.reset_cause,
             "repl_mode": self.repl_mode,
@@ -276,6 +288,9 @@ class Board:
             "fw_md5": "",
             "soft": soft,
             "romfs": self.firmware.romfs_partition(spec.flash_bytes),
+            "cpu_factor_milli": round((spec.cpu_factor or cpu_factor()) * 1000),
+            "sqw_pin": spec.pins["sqw"] if self.rtc is not None else -1,
+            "sqw": list(self._sqw_schedule(boot_us / 1_000_000)),
         }
 
     async def _run(self) -> None:
@@ -377,8 +392,29 @@ class Board:
 
     def _pin_time(self) -> float:
         """When the pin change being handled happened: the board's time of a posted write (the
-        host may read the post later), else now."""
-        return self._pin_write_at if self._pin_write_at is not None else self.clock.now()
+        host may read the post later), else the board's now."""
+        return self._pin_write_at if self._pin_write_at is not None else self.board_now()
+
+    def board_now(self) -> float:
+        """The board's simulated time: the stamp of the request being served, else an estimate
+        from the newest stamp (the board's clock runs at most at the fleet's speed)."""
+        if self._request_now is not None:
+            return self._request_now
+        if self._board_stamp is None:
+            return self.clock.now()
+        stamp, real = self._board_stamp
+        return min(stamp + (time.time() - real) * self.clock.speed, max(stamp, self.clock.now()))
+
+    def _sqw_schedule(self, now: float) -> tuple[int, int]:
+        """The DS3231's square wave after `now` for the board: (next rising edge, period) in us,
+        (-1, 0) for none."""
+        rtc = self.rtc
+        rise = rtc.next_sqw_rising_edge(now) if rtc is not None else None
+        if rise is None:
+            return (-1, 0)
+        after = rtc.next_sqw_rising_edge(rise)
+        period = 1.0 if after is None else after - rise
+        return (round(rise * 1_000_000), round(period * 1_000_000))
 
     def _pin_changed(self, gpio: int, level: int) -> None:
         writer = self._evt_writer
@@ -397,49 +433,24 @@ class Board:
         """A button or jumper to GND on `gpio`."""
         self.pins.drive(gpio, "button", 0 if pressed else None)
 
-    async def _sqw_loop(self) -> None:
-        """Drive the DS3231's open-drain SQW output onto its GPIO.
-
-        A rising edge every DS3231 second (released: the pull-up takes the line high) and a
-        falling edge half a second later. Every edge is delivered: if the host wakes late, an
-        owed edge comes late rather than never, so the board may see interrupt latency but
-        never a second without its edge (the scheduler queue on the board may still drop it,
-        which is counted)."""
-        gpio = self.spec.pins["sqw"]
-        high = True
-        planned: float | None = None  # simulated time of the next transition
+    async def _sqw_watch(self) -> None:
+        """Tell the board when the DS3231's square wave changes other than through its own I2C
+        transactions (whose replies carry it): faults, power, a battery pulled. The board makes
+        the edges itself, in its own time (vb_hal.py)."""
         while True:
-            now = self.clock.now()
-            rtc = self.rtc
-            if planned is not None:
-                while planned is not None and planned <= now:
-                    if high:  # falling edge, then wait for the next rise
-                        self.pins.drive(gpio, "DS3231", 0)
-                        high = False
-                        planned = rtc.next_sqw_rising_edge(planned) if rtc.faults.plugged else None
-                    else:  # rising edge
-                        self.pins.drive(gpio, "DS3231", None)
-                        high = True
-                        planned += 0.5
-            if self._rtc_changed.is_set() or planned is None:
-                # registers may have changed (or we are idle): follow the chip if its next rising
-                # edge is no longer the one we planned for
-                self._rtc_changed.clear()
-                rise = rtc.next_sqw_rising_edge(now) if rtc is not None and rtc.faults.plugged else None
-                if rise is None:
-                    planned, high = None, True
-                    self.pins.drive(gpio, "DS3231", None)
-                else:
-                    planned_rise = None
-                    if planned is not None:
-                        planned_rise = rtc.next_sqw_rising_edge(planned) if high else planned
-                    if planned_rise is None or abs(planned_rise - rise) > 1e-6:
-                        high = rise - now > 0.5
-                        self.pins.drive(gpio, "DS3231", None if high else 0)
-                        planned = rise - 0.5 if high else rise
-            wait = 0.5 if planned is None else self.clock.real_until(planned)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._rtc_changed.wait(), timeout=max(wait, 0.0005))
+                await asyncio.wait_for(self._rtc_changed.wait(), timeout=0.25)
+            self._rtc_changed.clear()
+            writer = self._evt_writer
+            if self.rtc is None or writer is None or writer.is_closing():
+                continue
+            now = self.board_now()
+            schedule = self._sqw_schedule(now)
+            if self._sqw_sent is not None and _same_wave(schedule, self._sqw_sent, now):
+                continue
+            self._sqw_sent = schedule
+            body = struct.pack(ipc.SQW, *schedule)
+            writer.write(struct.pack(ipc.HEADER, len(body) + 1, ipc.EV_SQW) + body)
 
     async def _wdt_loop(self) -> None:
         while True:
@@ -508,18 +519,25 @@ class Board:
             if op >= 0x80:
                 self._post(op, payload)
                 continue
-            seq, payload = payload[: ipc.SEQ_SIZE], payload[ipc.SEQ_SIZE :]
+            seq = payload[: ipc.SEQ_SIZE]
+            (stamp_us,) = struct.unpack_from(ipc.STAMP, payload, ipc.SEQ_SIZE)
+            payload = payload[ipc.SEQ_SIZE + ipc.STAMP_SIZE :]
+            self._request_now = stamp_us / 1_000_000
+            self._board_stamp = (self._request_now, time.time())
             handler = handlers.get(op)
-            if handler is None:
-                status, reply = errno.EINVAL, b""
-            else:
-                status, reply = await handler(payload)
+            try:
+                if handler is None:
+                    status, reply = errno.EINVAL, b""
+                else:
+                    status, reply = await handler(payload)
+            finally:
+                self._request_now = None
             writer.write(struct.pack(ipc.HEADER, len(reply) + ipc.SEQ_SIZE + 1, status) + seq + reply)
 
     def _post(self, op: int, payload: bytes) -> None:
         if op == ipc.OP_PIN_SET:
             gpio, level, at_us = struct.unpack(ipc.PIN_SET, payload)
-            self._pin_write_at = min(at_us / 1_000_000, self.clock.now())
+            self._pin_write_at = at_us / 1_000_000
             try:
                 self.pins.write(gpio, level)
             finally:
@@ -546,23 +564,26 @@ class Board:
     async def _op_i2c(self, payload: bytes) -> tuple[int, bytes]:
         scl, sda, timeout_us = struct.unpack_from(ipc.I2C_HEAD, payload)
         steps = payload[struct.calcsize(ipc.I2C_HEAD) :]
+        now = self.board_now()
         if (scl, sda) != (self.i2c.scl, self.i2c.sda):
             # nothing is wired to these pins: every address byte goes unanswered
             bus = I2CBus(scl, sda)
-            result = bus.run(self.clock.now(), timeout_us, steps)
+            result = bus.run(now, timeout_us, steps)
+            wave = (-2, 0)  # unchanged
         else:
-            result = self.i2c.run(self.clock.now(), timeout_us, steps)
-            self._rtc_changed.set()
-        if result.stretch_s > 0:
-            await asyncio.sleep(self.clock.real_delay(result.stretch_s))
-        return result.status, result.reply
+            result = self.i2c.run(now, timeout_us, steps)
+            wave = self._sqw_schedule(now + result.stretch_s)
+            self._sqw_sent = wave
+        # the clock stretching is charged to the board's time by the board (vb_machine.SoftI2C)
+        trailer = struct.pack(ipc.I2C_TRAILER, wave[0], wave[1], round(result.stretch_s * 1_000_000))
+        return result.status, result.reply + trailer
 
     async def _op_spi(self, payload: bytes) -> tuple[int, bytes]:
         sck, mosi, miso, _pol, _pha, _baud = struct.unpack_from(ipc.SPI_HEAD, payload)
         data = payload[struct.calcsize(ipc.SPI_HEAD) :]
         if (sck, mosi, miso) != (self.spi.sck, self.spi.mosi, self.spi.miso):
             return 0, bytes([self.spi.miso_float]) * len(data)
-        return 0, self.spi.transfer(self.clock.now(), data)
+        return 0, self.spi.transfer(self.board_now(), data)
 
     async def _op_pin_cfg(self, payload: bytes) -> tuple[int, bytes]:
         gpio, mode, pull, value = struct.unpack(ipc.PIN_CFG, payload)
@@ -860,3 +881,12 @@ class Board:
             "sim_time": self.clock.now(),
             "real_time_us": real_now_us(),
         }
+
+
+def _same_wave(a: tuple[int, int], b: tuple[int, int], now: float) -> bool:
+    """Two square-wave schedules give the same edges from `now` on (one may name a later edge)."""
+    if a[0] < 0 or b[0] < 0:
+        return a[0] < 0 and b[0] < 0
+    if abs(a[1] - b[1]) > 1:
+        return False
+    return abs((a[0] - b[0]) % a[1]) <= 1 or abs((a[0] - b[0]) % a[1] - a[1]) <= 1

@@ -19,6 +19,9 @@ shared CI machine as a 3-second network stall.
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -91,3 +94,64 @@ class SimClock:
     def guard_timeout(self, sim_seconds: float) -> float:
         """Real seconds for a stuck-guarding timeout of `sim_seconds` (see module doc)."""
         return max(self.real_delay(sim_seconds), REAL_TIMEOUT_FLOOR_S)
+
+
+# -- what the board's code costs: host CPU time x cpu_factor -------------------------------------
+#
+# A board's firmware runs on this host's MicroPython many times faster than on an 80 MHz ESP8266;
+# vb_hal.py charges its CPU time times cpu_factor(). The factor is measured on this host, in CPU
+# time (which a busy neighbour process does not stretch), by timing CALIBRATION_WORK:
+#   - reference: MicroPython's tests/perf_bench/misc_pystone.py, Proc0(300), took 162.4 ms on a
+#     PYBv1.0 (STM32F405, 168 MHz; dpgeorge's figures in micropython/micropython PR #4858);
+#     scaled to the ESP8266's 80 MHz clock at the same work per cycle: 341 ms. (An estimate:
+#     no ESP8266 figure for that benchmark is published; the LX106 executing from flash cache
+#     is, if anything, slower per cycle. vboard/README.md lists it as a known difference.)
+#   - CALIBRATION_WORK took 0.66 x the time of Proc0(6000) on this kind of host (the minimum
+#     of 6 interleaved runs each, 21 vs 32 ms CPU), so an ESP8266 would need
+#     ESP8266_CALIBRATION_MS = 341 x 20 x 0.66 = 4,476 ms for it.
+CALIBRATION_WORK = """
+import time, struct
+class Reading:
+    def __init__(self, raw):
+        self.raw = raw
+    def value(self):
+        return (self.raw * 175) // 65535 - 45
+def work(n):
+    buf = bytearray(8)
+    total = 0
+    d = {}
+    for i in range(n):
+        r = Reading(i & 0xFFFF)
+        total += r.value()
+        struct.pack_into("<HH", buf, 0, i & 0xFFFF, total & 0xFFFF)
+        d[i & 15] = buf[0] ^ buf[3]
+        if i % 7 == 0:
+            total -= len(d)
+    return total
+best = 1e9
+for k in range(5):
+    c0 = time.clock(); work(20000); c1 = time.clock()
+    best = min(best, c1 - c0)
+print(best)
+"""
+ESP8266_CALIBRATION_MS = 4476.0
+CPU_FACTOR_ENV = "VBOARD_CPU_FACTOR"  # set to skip the measurement (e.g. to compare hosts)
+
+
+@functools.cache
+def cpu_factor() -> float:
+    """ESP8266 time / this host's MicroPython CPU time for the same code (measured once)."""
+    override = os.environ.get(CPU_FACTOR_ENV)
+    if override:
+        return float(override)
+    from vboard.board import micropython_binary
+
+    out = subprocess.run(
+        [micropython_binary(), "-c", CALIBRATION_WORK],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    host_ms = max(float(out.strip()) * 1000, 1.0)
+    return ESP8266_CALIBRATION_MS / host_ms

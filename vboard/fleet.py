@@ -58,7 +58,7 @@ class Fleet:
 
     async def astart(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.ntp = await NtpResponder.start(self.clock, self.lan)
+        self.ntp = await NtpResponder.start(self.clock.now, self.lan)
 
     async def aadd(self, spec: BoardSpec) -> Board:
         if spec.name in self.boards:

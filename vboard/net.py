@@ -229,10 +229,16 @@ class _Conn:
 class Gateway:
     """A board's way out: resolves, routes and proxies its connections."""
 
-    def __init__(self, lan: Lan, station: Station, clock: SimClock) -> None:
+    def __init__(
+        self, lan: Lan, station: Station, clock: SimClock, board_now: Callable[[], float] | None = None
+    ) -> None:
         self.lan = lan
         self.station = station
         self.clock = clock
+        # the board's own simulated time (it may trail the fleet's clock: vboard/README.md): its
+        # NTP answers are in that time, so what it learns agrees with its own DS3231
+        self.board_now = board_now or clock.now
+        self.ntp: NtpResponder | None = None
         self.conns: list[_Conn] = []
         self.bytes_up = 0
         self.bytes_down = 0
@@ -255,7 +261,9 @@ class Gateway:
         if proto == "udp":
             if port == NTP_PORT and self.lan.ntp_port:
                 # an NTP outage drops the requests (the responder checks ntp_up): the board times out
-                return {"port": self.lan.ntp_port}
+                if self.ntp is None or self.ntp.transport is None:
+                    self.ntp = await NtpResponder.start(self.board_now, self.lan, shared=False)
+                return {"port": self.ntp.port}
             target = self.lan.target(ip, port)
             return {"port": target[1]} if target else {"error": errno.EHOSTUNREACH}
         target = self.lan.target(ip, port)
@@ -357,6 +365,8 @@ class Gateway:
         for task in [self._abort_task, *self._proxies]:
             if task is not None and not task.done():
                 task.cancel()
+        if self.ntp is not None and self.ntp.transport is not None:
+            self.ntp.transport.close()
 
     def cut(self) -> int:
         """Reset every live connection of this board now (a broker or router dropping it)."""
@@ -372,10 +382,11 @@ class Gateway:
 class NtpResponder(asyncio.DatagramProtocol):
     """SNTP server on 127.0.0.1 answering with simulated time (RFC 4330 server reply)."""
 
-    def __init__(self, clock: SimClock, lan: Lan) -> None:
-        self.clock = clock
+    def __init__(self, now: Callable[[], float], lan: Lan) -> None:
+        self.now = now
         self.lan = lan
         self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
         self.requests = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -385,7 +396,7 @@ class NtpResponder(asyncio.DatagramProtocol):
         if len(data) < 48 or not self.lan.ntp_up or self.transport is None:
             return
         self.requests += 1
-        now = self.clock.now() + NTP_EPOCH_OFFSET
+        now = self.now() + NTP_EPOCH_OFFSET
         secs = int(now)
         frac = int((now - secs) * (1 << 32)) & 0xFFFFFFFF
         version = (data[0] >> 3) & 0x7
@@ -401,11 +412,14 @@ class NtpResponder(asyncio.DatagramProtocol):
         self.transport.sendto(bytes(reply), addr)
 
     @classmethod
-    async def start(cls, clock: SimClock, lan: Lan) -> NtpResponder:
+    async def start(cls, now: Callable[[], float], lan: Lan, shared: bool = True) -> NtpResponder:
+        """A responder on a free port; `shared`: the LAN's (lan.ntp_port), else one board's."""
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: cls(clock, lan), local_addr=("127.0.0.1", 0)
+            lambda: cls(now, lan), local_addr=("127.0.0.1", 0)
         )
-        lan.ntp_port = transport.get_extra_info("sockname")[1]
         assert isinstance(protocol, NtpResponder)
+        protocol.port = transport.get_extra_info("sockname")[1]
+        if shared:
+            lan.ntp_port = protocol.port
         return protocol

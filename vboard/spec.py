@@ -60,6 +60,9 @@ class BoardSpec:
     firmware_variant: str = ""
     adc: int = 512
     deepsleep_wake: bool = True  # GPIO16 wired to RST
+    # How many times longer the chip takes for the firmware's code than this host's interpreter
+    # (0: the factor vboard/clock.py calibrates on this host)
+    cpu_factor: float = 0.0
 
     @property
     def mac(self) -> bytes:

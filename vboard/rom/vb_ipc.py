@@ -6,7 +6,8 @@
 #
 #   request channel  (main thread only)  frame = u16 length | u8 op | payload
 #                                        ops below 0x80 (but OP_HELLO) start the payload with
-#                                        a u16 sequence number and get one reply frame:
+#                                        a u16 sequence number and the board's simulated time
+#                                        (STAMP, us) and get one reply frame:
 #                                        u16 length | u8 status | u16 seq | payload   (status
 #                                        0 = ok, otherwise an errno the HAL raises as OSError)
 #                                        ops from 0x80 up get no reply (fire-and-forget, but
@@ -21,6 +22,8 @@ HEADER = "<HB"
 HEADER_SIZE = 3
 SEQ = "<H"
 SEQ_SIZE = 2
+STAMP = "<q"  # the board's simulated time when it made the request (us)
+STAMP_SIZE = 8
 MAX_FRAME = 65535
 
 # requests with a reply
@@ -35,14 +38,18 @@ OP_FLASH_ERASE = 8  # payload: "<I" sector       -> empty
 
 # requests without a reply
 OP_PIN_SET = 0x81  # payload: PIN_SET pin, level, the board's simulated time of the write (us)
-OP_WDT_FEED = 0x82  # payload: empty
+OP_WDT_FEED = 0x82  # payload: STAMP, the board's simulated time of the feed
 OP_NOTE = 0x83  # payload: JSON [name, arg, ...]
 
 # I2C: a sequence of bus primitives after I2C_HEAD ("<BBI": scl pin, sda pin, clock-stretch
 # timeout in us). Steps: b"S" start, b"P" stop, b"W" + "<H" n + n bytes (reply "<H" number of
 # bytes ACKed, address byte included), b"R" + "<HB" n, nack_last (reply n bytes). A clock
 # stretch longer than the timeout ends the sequence with status ETIMEDOUT.
+# Every I2C reply ends with I2C_TRAILER: the DS3231's square wave as it is after the transaction
+# (SQW) and how long the chips stretched the clock (us, charged to the board's time).
 I2C_HEAD = "<BBI"
+I2C_TRAILER = "<qqI"
+I2C_TRAILER_SIZE = 20
 I2C_START = 0x53
 I2C_STOP = 0x50
 I2C_WRITE = 0x57
@@ -62,6 +69,9 @@ PIN_SET = "<BBq"
 # events host -> board
 EV_PIN = 1  # "<BB" pin, level
 EV_CLOCK = 2  # "<qqi" real_anchor_us, sim_anchor_us, speed_milli
+EV_SQW = 3  # SQW: the DS3231's square wave changed for another reason than an I2C transaction
+# SQW "<qq": the board's simulated time of the next rising edge (-1: no square wave), period (us)
+SQW = "<qq"
 # events board -> host
 EV_IRQ_LOST = 0x81  # "<B" pin: a pin IRQ could not be scheduled (scheduler queue full)
 

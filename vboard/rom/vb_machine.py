@@ -147,6 +147,26 @@ class Signal:
 # -- I2C (on the ESP8266, machine.I2C is the bit-banged SoftI2C) --------------------------
 
 
+def _i2c_bits(steps):
+    """Bits clocked on the bus by an OP_I2C step sequence (vb_ipc.py): START and STOP one each."""
+    bits = 0
+    i = 0
+    n = len(steps)
+    while i < n:
+        op = steps[i]
+        if op == ipc.I2C_WRITE:
+            count = steps[i + 1] | steps[i + 2] << 8
+            bits += 9 * count
+            i += 3 + count
+        elif op == ipc.I2C_READ:
+            bits += 9 * (steps[i + 1] | steps[i + 2] << 8)
+            i += 4
+        else:
+            bits += 1
+            i += 1
+    return bits
+
+
 class SoftI2C:
     def __init__(self, scl=None, sda=None, *, freq=400000, timeout=50000):
         self.init(scl, sda, freq=freq, timeout=timeout)
@@ -166,7 +186,23 @@ class SoftI2C:
         return "SoftI2C(scl=%d, sda=%d, freq=%d)" % (self._scl, self._sda, self._freq)
 
     def _run(self, steps):
-        return hal.request(ipc.OP_I2C, struct.pack(ipc.I2C_HEAD, self._scl, self._sda, self._timeout) + steps)
+        # Bus time as the port's bit-banging spends it: every bit is two half-periods of
+        # us_delay = 500000 // freq (at least 1 us; extmod/machine_i2c.c), nine bits a byte.
+        half_us = 500000 // self._freq or 1
+        try:
+            reply = hal.request(
+                ipc.OP_I2C, struct.pack(ipc.I2C_HEAD, self._scl, self._sda, self._timeout) + steps
+            )
+        except OSError as e:
+            if e.errno == 110:  # a chip stretched the clock past the timeout: that long
+                hal.charge_us(self._timeout)
+            raise
+        end = len(reply) - ipc.I2C_TRAILER_SIZE
+        rise, period, stretch_us = struct.unpack_from(ipc.I2C_TRAILER, reply, end)
+        hal.charge_us(_i2c_bits(steps) * 2 * half_us + stretch_us)
+        if rise != -2:
+            hal.set_sqw(rise, period)
+        return reply[:end]
 
     @staticmethod
     def _write_step(data):
@@ -177,6 +213,13 @@ class SoftI2C:
         return struct.pack("<BHB", ipc.I2C_READ, n, 1 if nack_last else 0)
 
     def _transfer(self, addr, data, read_n, stop):
+        hal.native_enter()
+        try:
+            return self._transfer_native(addr, data, read_n, stop)
+        finally:
+            hal.native_exit()
+
+    def _transfer_native(self, addr, data, read_n, stop):
         """One SoftI2C transfer as mp_machine_soft_i2c_transfer does it.
         Returns (acks, data). Raises OSError(ENODEV) when the address is not acknowledged."""
         steps = bytes((ipc.I2C_START,))
@@ -308,10 +351,19 @@ class SoftSPI:
         pass
 
     def _xfer(self, mosi):
+        hal.native_enter()
+        try:
+            return self._xfer_native(mosi)
+        finally:
+            hal.native_exit()
+
+    def _xfer_native(self, mosi):
         head = struct.pack(
             ipc.SPI_HEAD, self._pins[0], self._pins[1], self._pins[2], self._pol, self._pha, self._baud
         )
-        return hal.request(ipc.OP_SPI, head + mosi)
+        miso = hal.request(ipc.OP_SPI, head + mosi)
+        hal.charge_us(len(mosi) * 8 * 1000000 // (self._baud or 1))  # eight clocks a byte
+        return miso
 
     def read(self, nbytes, write=0x00):
         return bytes(self._xfer(bytes([write]) * nbytes))
@@ -410,7 +462,7 @@ class WDT:
         now = hal.real_us()
         if now - self._last > 50000:
             self._last = now
-            hal.post(ipc.OP_WDT_FEED)
+            hal.post(ipc.OP_WDT_FEED, struct.pack(ipc.STAMP, hal.sim_us()))
 
     def deinit(self):
         raise OSError("WDT can't be stopped")
@@ -446,9 +498,10 @@ class Timer:
     def _run(self, gen, mode, period_us, callback):
         import micropython
 
-        deadline = hal.sim_us() + period_us
+        # not the main thread: the board's clock is the main thread's, this one follows the fleet's
+        deadline = hal.fleet_us(hal.real_us()) + period_us
         while gen == self._gen:
-            hal.sleep_until_sim(deadline)
+            hal.sleep_until_fleet(deadline)
             if gen != self._gen:
                 return
             try:

@@ -88,7 +88,7 @@ def read_char():
     # Waiting here still lets pin IRQ callbacks run, as the port's stdin loop does.
     while True:
         try:
-            if hal.poll_real(_in_poll, -1):
+            if hal.wait(_in_poll, None):
                 c = _stdin.read(1)
                 if not c:
                     hal.exit_process(vb_ipc.EXIT_POWER_OFF)  # the host closed the console
@@ -415,6 +415,7 @@ def boot():
     holes_bytes = chain_length(heap_holes) * GC_BLOCK_BYTES
     hal.note("heap", gc.mem_alloc() - vb_vfs.mapped_bytes(), gc.mem_free(), holes_bytes)
     mode = params["repl_mode"]
+    hal.native_exit()  # the firmware's time starts (vb_hal.start)
     if run_file("boot.py") == "exit":
         soft_reboot(mode)
     if mode == "friendly" and run_file("main.py") == "exit":
