@@ -23,6 +23,7 @@ AUTH_WPA2_PSK = 3
 AUTH_WPA_WPA2_PSK = 4
 
 
+@hal.native
 def _call(name, *args):
     result = hal.call(name, *args)
     if isinstance(result, dict) and "error" in result:

@@ -1,5 +1,5 @@
-# `select` as on the ESP8266 port (poll/ipoll over sockets and the REPL stream), waiting in
-# simulated time in short real-time slices so scheduled callbacks keep running.
+# `select` as on the ESP8266 port (poll/ipoll over sockets and the REPL stream), waiting in the
+# board's simulated time (vb_hal.wait) so scheduled callbacks keep running.
 
 import vb_hal as hal
 
@@ -21,7 +21,7 @@ class _Poll:
 
     def register(self, obj, eventmask=POLLIN | POLLOUT):
         native = _native(obj)
-        self._objs[id(native)] = (obj, native)
+        self._objs[id(native)] = [obj, native, eventmask]
         self._p.register(native, eventmask)
 
     def unregister(self, obj):
@@ -30,7 +30,11 @@ class _Poll:
         self._p.unregister(native)
 
     def modify(self, obj, eventmask):
-        self._p.modify(_native(obj), eventmask)
+        native = _native(obj)
+        entry = self._objs.get(id(native))
+        if entry is not None:
+            entry[2] = eventmask
+        self._p.modify(native, eventmask)
 
     def _map(self, ready):
         out = []
@@ -39,19 +43,26 @@ class _Poll:
             out.append((pair[0] if pair else entry[0], entry[1]))
         return out
 
+    @hal.native
     def poll(self, timeout=-1):
-        if timeout is None or timeout < 0:
-            deadline = None
-        else:
-            deadline = hal.sim_us() + timeout * 1000
+        deadline = None if timeout is None or timeout < 0 else hal.sim_us() + timeout * 1000
+        # an answer is awaited when a socket watched for input sent something since it last
+        # received: the board's clock stands still while it comes (vb_hal.wait)
+        answer = 0
+        for pair in self._objs.values():
+            if pair[2] & POLLIN and hasattr(pair[0], "answer_wait_us"):
+                wait = pair[0].answer_wait_us()
+                if wait > answer:
+                    answer = wait
         while True:
-            if deadline is None:
-                wait_ms = -1
-            else:
-                left = hal.real_us_for(deadline - hal.sim_us())
-                wait_ms = 0 if left <= 0 else (left + 999) // 1000
-            ready = hal.poll_real(self._p, wait_ms)
-            if ready or wait_ms == 0:
+            ready = hal.wait(self._p, deadline, answer)
+            if answer and not ready:
+                # none came in that time: it was a message without an answer (MQTT QoS 0)
+                for pair in self._objs.values():
+                    if hasattr(pair[0], "answer_wait_us"):
+                        pair[0].give_up_answer()
+                answer = 0
+            if ready or (deadline is not None and hal.sim_us() >= deadline):
                 return self._map(ready)
 
     def ipoll(self, timeout=-1, flags=0):

@@ -37,6 +37,7 @@ ECONNRESET = 104
 EPIPE = 32
 
 
+@hal.native
 def getaddrinfo(host, port, af=0, type=0, proto=0, flags=0):
     ip = hal.call("net.resolve", host)
     if isinstance(ip, dict):
@@ -69,6 +70,9 @@ class socket:
         self._timeout_us = -1  # blocking
         self._connected = False
         self._closed = False
+        self._awaiting = False  # sent since it last received: an answer is awaited (vb_select)
+        self._sent_at = 0  # real time of the send an answer is awaited for
+        self._rtt_us = 0  # the longest recent real round trip (0: none seen yet)
         if type == SOCK_DGRAM:  # a TCP socket's heap is only what the port's lwIP object takes
             self._udp_routes = {}
             self._udp_back = {}
@@ -85,24 +89,69 @@ class socket:
     # -- waiting --------------------------------------------------------------------------
 
     def _deadline(self):
+        """(simulated, real) deadline of a wait under the socket's timeout: a stuck-guarding
+        timeout never ends before the real-time floor (vboard/clock.py)."""
         if self._timeout_us < 0:
             return None
-        return hal.real_us() + (hal.guard_real_us(self._timeout_us) if self._timeout_us else 0)
+        if not self._timeout_us:
+            return (hal.sim_us(), 0)
+        return (hal.sim_us() + self._timeout_us, hal.real_us() + hal.guard_real_us(0))
 
-    def _wait(self, event, deadline):
-        """Wait until the native socket is ready for `event`; False on timeout."""
+    def _wait(self, event, deadline, answered=False):
+        """Wait until the native socket is ready for `event`; False on timeout. `answered`: the
+        far side's answer makes it ready (a TCP connect: the SYN's SYN-ACK), as for input."""
         p = hal.make_poller()
         p.register(self._s, event)
+        answer = self.answer_wait_us() if event == _select.POLLIN or answered else 0
         while True:
+            if answer:
+                if hal.wait(p, None if deadline is None else deadline[0], answer):
+                    return True
+                self.give_up_answer()
+                answer = 0
+                continue
             if deadline is None:
-                timeout_ms = -1
-            else:
-                left = deadline - hal.real_us()
-                if left <= 0:
+                if hal.wait(p, None):
+                    return True
+                continue
+            sim_deadline, real_floor = deadline
+            if hal.sim_us() >= sim_deadline:
+                if hal.real_us() >= real_floor:
                     return bool(hal.poll_real(p, 0))
-                timeout_ms = (left + 999) // 1000
-            if hal.poll_real(p, timeout_ms):
+                # the simulated timeout is up but not the real floor: wait for the far side
+                # in real time (the board's time stays where it is)
+                if hal.wait(p, None, 0, real_floor):
+                    return True
+                continue
+            if hal.wait(p, sim_deadline):
                 return True
+
+    def _sent(self):
+        if not self._awaiting:
+            self._awaiting = True
+            self._sent_at = hal.real_us()
+
+    def _answered(self):
+        if self._awaiting:
+            self._awaiting = False
+            rtt = hal.real_us() - self._sent_at
+            # the longest recent one, forgotten by halves
+            self._rtt_us = rtt if rtt > self._rtt_us else (self._rtt_us + rtt) // 2
+
+    def give_up_answer(self):
+        self._awaiting = False
+
+    def answer_wait_us(self):
+        """How long (real us) to wait for an answer with the board's clock standing still: four
+        round trips of this connection, at least 20 ms; the real-time floor while none is known
+        (a connect, a first request). 0: no answer awaited."""
+        if not self._awaiting:
+            return 0
+        floor = hal.guard_real_us(0)
+        if not self._rtt_us:
+            return floor
+        wait = 4 * self._rtt_us
+        return 20000 if wait < 20000 else (floor if wait > floor else wait)
 
     def _check_open(self):
         if self._closed:
@@ -128,6 +177,7 @@ class socket:
 
     # -- connection -----------------------------------------------------------------------
 
+    @hal.native
     def connect(self, address):
         self._check_open()
         host, port = _sockaddr(address)
@@ -145,8 +195,12 @@ class socket:
         except OSError as e:
             if e.errno != EINPROGRESS:
                 raise
-        if not self._wait(_select.POLLOUT, hal.real_us() + hal.guard_real_us(10000000)):
+        # the handshake is a round trip: its answer costs a LAN round trip, not the host's time
+        self._sent()
+        deadline = (hal.sim_us() + 10000000, hal.real_us() + hal.guard_real_us(10000000))
+        if not self._wait(_select.POLLOUT, deadline, answered=True):
             raise OSError(ETIMEDOUT)
+        self._answered()
         self._connected = True
 
     def bind(self, address):
@@ -156,6 +210,7 @@ class socket:
     def listen(self, backlog=1):
         self._s.listen(backlog)
 
+    @hal.native
     def accept(self):
         deadline = self._deadline()
         while True:
@@ -176,6 +231,7 @@ class socket:
         s._closed = False
         return s, ("127.0.0.1", 0)
 
+    @hal.native
     def close(self):
         if not self._closed:
             self._closed = True
@@ -190,19 +246,23 @@ class socket:
         deadline = self._deadline()
         while True:
             try:
-                return self._s.recv(n)
+                data = self._s.recv(n)
+                self._answered()
+                return data
             except OSError as e:
                 if e.errno != EAGAIN:
                     raise
             if not self._wait(_select.POLLIN, deadline):
                 raise OSError(ETIMEDOUT if self._timeout_us > 0 else EAGAIN)
 
+    @hal.native
     def recv(self, bufsize):
         self._check_open()
         if self._type == SOCK_DGRAM:
             return self.recvfrom(bufsize)[0]
         return self._recv_native(bufsize)
 
+    @hal.native
     def read(self, size=-1):
         self._check_open()
         try:
@@ -227,6 +287,7 @@ class socket:
                 return None
             raise
 
+    @hal.native
     def readinto(self, buf, nbytes=None):
         n = len(buf) if nbytes is None else nbytes
         data = self.read(n)
@@ -249,7 +310,9 @@ class socket:
         deadline = self._deadline()
         while True:
             try:
-                return self._s.send(data)
+                sent = self._s.send(data)
+                self._sent()
+                return sent
             except OSError as e:
                 if e.errno == EPIPE:
                     # lwIP has no EPIPE: a write to a reset connection fails with ECONNRESET
@@ -259,12 +322,14 @@ class socket:
             if not self._wait(_select.POLLOUT, deadline):
                 raise OSError(ETIMEDOUT if self._timeout_us > 0 else EAGAIN)
 
+    @hal.native
     def send(self, data):
         self._check_open()
         if self._type == SOCK_DGRAM:
             return self.sendto(data, self._udp_default)
         return self._send_native(data)
 
+    @hal.native
     def write(self, buf, off_or_len=None, length=None):
         # stream.write(buf[, max_len]) or write(buf, off, max_len), as the port's streams take
         self._check_open()
@@ -288,6 +353,7 @@ class socket:
     def sendall(self, data):
         self.write(data)
 
+    @hal.native
     def sendto(self, data, address):
         self._check_open()
         host, port = _sockaddr(address)
@@ -299,14 +365,18 @@ class socket:
             local = route["port"]
             self._udp_routes[(host, port)] = local
             self._udp_back[local] = (host, port)
-        return self._s.sendto(data, _socket.getaddrinfo("127.0.0.1", local)[0][-1])
+        sent = self._s.sendto(data, _socket.getaddrinfo("127.0.0.1", local)[0][-1])
+        self._sent()
+        return sent
 
+    @hal.native
     def recvfrom(self, bufsize):
         self._check_open()
         deadline = self._deadline()
         while True:
             try:
                 data, addr = self._s.recvfrom(bufsize)
+                self._answered()
                 break
             except OSError as e:
                 if e.errno != EAGAIN:
