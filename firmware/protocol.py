@@ -9,7 +9,8 @@
 #
 #   PREFIX/DEVICE/status  retained, QoS 1.  b"online" on every connect; the last will
 #                         (registered in CONNECT, before anything else) is retained b"offline".
-#   PREFIX/DEVICE/info    retained, QoS 1.  JSON object published on every connect, see INFO_KEYS.
+#   PREFIX/DEVICE/info    retained, QoS 1.  JSON object published on every connect and when the
+#                         clock has been set or checked (its "time"), see INFO_KEYS.
 #   PREFIX/DEVICE/data    QoS 1, not retained.  JSON array of samples, oldest first; each sample
 #                         is itself a JSON array in SAMPLE_FIELDS order.
 #   PREFIX/DEVICE/health  retained, QoS 1.  JSON object every HEALTH_PERIOD_S, see HEALTH_KEYS.
