@@ -116,7 +116,7 @@ def run(
                 "MemoryError" not in console
                 and board.boot_count == 1
                 and board.crashes == 0
-                and not (board.flash_dir / "crash.log").exists()
+                and not board.files().exists("crash.log")
                 and bool(samples)
                 and samples[-1][protocol.I_TIME] >= start + seconds - 5
                 and len(health) >= health_expected / 2

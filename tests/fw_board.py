@@ -37,13 +37,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from firmware import config as fwconfig
 from firmware import protocol
 from tests.fw_run import FIRMWARE, mpy_cross
-from vboard import esprom
-from vboard.board import Board
+from vboard import esprom, flashfs
+from vboard.board import HAL_HEAP_OVERHEAD, Board, prepare_flash
 from vboard.fleet import Fleet
 from vboard.spec import BoardSpec, board_workdir
 
-# -X heapsize of the firmware's virtual boards (bench/bench_fw_heap.py measures what it needs)
-FIRMWARE_HEAP = "168K"
+# -X heapsize of the firmware's virtual boards (bench/bench_fw_heap.py measures what it needs):
+# 80 KiB for the firmware on top of what the ROM itself takes
+FIRMWARE_HEAP = f"{(80 * 1024 + HAL_HEAP_OVERHEAD) // 1024}K"
 SOURCE_NAMES = ("boot.py", "main.py")  # run as source at boot, as roles/board_build does
 HOST_ONLY = ("__init__.py",)
 
@@ -94,45 +95,49 @@ def romfs_image(build: Path) -> bytes:
             return bytes(make_romfs(tmp, mpy_cross=False))
 
 
-def write_flash(flash_dir: Path, build: Path, cfg: dict[str, Any] | str | None, code: bool = True) -> None:
-    """The built firmware (only boot.py and main.py unless `code`) and config.json (a dict, raw
-    text, or None for no file) into flash_dir."""
-    flash_dir.mkdir(parents=True, exist_ok=True)
-    if code:
-        shutil.copytree(build, flash_dir, dirs_exist_ok=True)
-    else:
-        for name in SOURCE_NAMES:
-            shutil.copyfile(build / name, flash_dir / name)
-    target = flash_dir / fwconfig.CONFIG_FILE
-    if cfg is None:
-        target.unlink(missing_ok=True)
-    else:
-        target.write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+def firmware_files(
+    build: Path, cfg: dict[str, Any] | str | None, code: bool = True
+) -> dict[str, bytes | None]:
+    """What the build puts on a board's filesystem (only boot.py and main.py unless `code`) and
+    its config.json (a dict, raw text, or None: no such file), as FlashFilesystem.write_tree()
+    takes them (None: removed)."""
+    files: dict[str, bytes | None] = (
+        dict(flashfs.tree(build)) if code else {name: (build / name).read_bytes() for name in SOURCE_NAMES}
+    )
+    files[fwconfig.CONFIG_FILE] = (
+        None if cfg is None else (cfg if isinstance(cfg, str) else json.dumps(cfg)).encode()
+    )
+    return files
 
 
 def install(board: Board, build: Path, cfg: dict[str, Any] | str | None) -> None:
-    write_flash(board.flash_dir, build, cfg)
+    board.files().write_tree(firmware_files(build, cfg))
 
 
 def add_board(
-    fleet: Fleet, spec: BoardSpec, build: Path, cfg: dict[str, Any] | str | None, romfs: bytes | None = None
+    fleet: Fleet,
+    spec: BoardSpec,
+    build: Path,
+    cfg: dict[str, Any] | str | None,
+    romfs: bytes | None = None,
+    files: dict[str, bytes | None] | None = None,
 ) -> Board:
     """A new board whose flash holds the firmware from its very first boot: the build's files,
     or with `romfs` (a romfs_image()) a FLASH_2M_ROMFS firmware with that image in its partition
-    and only boot.py, main.py and the config on its filesystem."""
-    workdir = board_workdir(fleet.workdir, spec.name)
+    and only boot.py, main.py and the config on its filesystem; then `files` over them (a path
+    to bytes, or None to remove it)."""
+    image = board_workdir(fleet.workdir, spec.name) / "flash.bin"
     if romfs is not None:
         spec.firmware_variant = esprom.ROMFS_VARIANT
         spec.validate()
-        factory = esprom.factory_flash(
-            spec.flash_bytes, spec.mpy_version, spec.mpy_date, spec.firmware_variant
-        )
-        image = bytearray(factory)
+    prepare_flash(image, spec)
+    if romfs is not None:
         assert len(romfs) <= esprom.ROMFS_SIZE, f"a ROMFS image of {len(romfs)} bytes exceeds the partition"
-        image[esprom.ROMFS_OFFSET : esprom.ROMFS_OFFSET + len(romfs)] = romfs
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "flash.bin").write_bytes(image)
-    write_flash(workdir / "flash", build, cfg, code=romfs is None)
+        with image.open("r+b") as f:
+            f.seek(esprom.ROMFS_OFFSET)
+            f.write(romfs)
+    files = {**firmware_files(build, cfg, code=romfs is None), **(files or {})}
+    flashfs.FlashFilesystem.open(image, spec.flash_bytes).write_tree(files)
     return fleet.add(spec)
 
 

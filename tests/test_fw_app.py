@@ -35,6 +35,7 @@ from tests.fw_board import (
     truth_by_second,
     wait_sim,
 )
+from tests.vboard_support import mpremote
 from vboard.board import Board
 from vboard.broker import Mosquitto
 from vboard.fleet import Fleet
@@ -210,7 +211,7 @@ def test_an_hour_at_60x_every_second_once_with_the_chips_values(
     assert kept[protocol.STATUS] == protocol.ONLINE
     assert json.loads(kept[protocol.INFO]) == info[-1]
     assert json.loads(kept[protocol.HEALTH]) == health[-1]
-    assert not (board.flash_dir / "crash.log").exists()
+    assert not board.files().exists("crash.log")
 
 
 # --- outages -------------------------------------------------------------------------------
@@ -480,7 +481,7 @@ def test_a_reset_loses_at_most_flush_s_samples_and_duplicates_none(
             assert after["time"]["sync"] == "ok" != before["time"]["sync"], (before, after)
     statuses = [m.payload for m in watcher.of_kind(protocol.STATUS)]
     assert statuses == [protocol.ONLINE, protocol.OFFLINE, protocol.ONLINE]
-    assert (board.flash_dir / "boot.count").read_text().strip() == "2"
+    assert board.files().read_text("boot.count").strip() == "2"
 
 
 @pytest.mark.speed(20)
@@ -629,7 +630,7 @@ def test_a_bad_config_means_safe_mode_with_the_reasons_on_the_console(
     wait_sim(lab, lab.clock.now() + 20)
     assert board.boot_count == 1  # no reset loop
     assert watcher.messages == []  # the app never ran
-    assert not (board.flash_dir / "boot.count").exists()
+    assert not board.files().exists("boot.count")
 
 
 @pytest.mark.speed(5)
@@ -653,14 +654,15 @@ def test_the_maintenance_file_keeps_the_app_and_its_watchdog_from_starting(
     """Provisioning's safe mode (roles/board_port enter_safe_mode): while the file is on the flash
     the board stays at its REPL, without the watchdog that would reset it mid-upload."""
     board = start_board(lab, build, mosquitto)
-    (board.flash_dir / fwconfig.SAFE_MODE_FILE).write_text("")
+    # as roles/board_port does it: over the REPL (the app is running: it owns the filesystem)
+    mpremote(board.url, "exec", f"open({fwconfig.SAFE_MODE_FILE!r}, 'w').close()")
     lab.run(board.reset())
     text = wait_console(board, "SAFE MODE")
     assert f"the file '{fwconfig.SAFE_MODE_FILE}' is on the flash" in text
     wait_sim(lab, lab.clock.now() + 20)  # four watchdog periods
     assert board.wdt_timeout_ms is None and board.reset_cause == 6  # not reset by a watchdog
     assert_repl_works(board)
-    (board.flash_dir / fwconfig.SAFE_MODE_FILE).unlink()
+    board.files().remove(fwconfig.SAFE_MODE_FILE)  # the board idles at its REPL
     lab.run(board.reset())
     watcher.wait_for(lambda w: len(w.samples) > 2, 60, "samples after maintenance")
 
@@ -707,15 +709,12 @@ raise RuntimeError("boom %d for the test" % (n + 1))
 def test_app_exceptions_are_logged_and_reset_the_board_with_a_delay_when_in_a_row(
     lab: Fleet, build: Path, mosquitto: Mosquitto, watcher: Watcher
 ) -> None:
-    from tests.fw_board import write_flash
-    from vboard.spec import board_workdir
-
-    flash = board_workdir(lab.workdir, "lab-01") / "flash"
-    write_flash(flash, build, board_config("lab-01", mosquitto.port, SSID, PASSWORD))
-    (flash / "app.py").write_text(CRASHING_APP)  # shadows app.mpy: three boots fail
-    board = lab.add(BoardSpec(name="lab-01", rtc_set=True, heapsize=FIRMWARE_HEAP))
+    cfg = board_config("lab-01", mosquitto.port, SSID, PASSWORD)
+    spec = BoardSpec(name="lab-01", rtc_set=True, heapsize=FIRMWARE_HEAP)
+    # app.py shadows app.mpy: three boots fail
+    board = add_board(lab, spec, build, cfg, files={"app.py": CRASHING_APP.encode()})
     watcher.wait_for(lambda w: len(w.samples) > 3, 60, "samples after the crashes")
-    log = (board.flash_dir / "crash.log").read_text()
+    log = board.files().read_text("crash.log")
     for n in (1, 2, 3):
         assert f"RuntimeError: boom {n} for the test" in log
     assert 'File "app.py"' in log

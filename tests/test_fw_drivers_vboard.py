@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from firmware import protocol
-from tests.fw_board import build_firmware, write_flash
+from tests.fw_board import add_board, build_firmware
 from tests.vboard_support import SerialClient
 from vboard.board import Board
 from vboard.fleet import Fleet
-from vboard.spec import BoardSpec, board_workdir
+from vboard.spec import BoardSpec
 
 DRIVER_LOOP = """
 import json, time
@@ -144,11 +144,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 def bench(fleet: Fleet, build: Path, amb: str, tc: str, **spec: Any) -> Bench:
     name = f"{amb}-{tc}".lower()
-    flash = board_workdir(fleet.workdir, name) / "flash"
-    write_flash(flash, build, None)
-    (flash / "main.py").write_text(DRIVER_LOOP % {"amb": amb, "tc": tc})
-    (flash / "boot.py").unlink()
-    board = fleet.add(BoardSpec(name=name, ambient=amb, thermocouple=tc, heapsize="256K", **spec))
+    loop = {"main.py": (DRIVER_LOOP % {"amb": amb, "tc": tc}).encode(), "boot.py": None}
+    spec_ = BoardSpec(name=name, ambient=amb, thermocouple=tc, heapsize="256K", **spec)
+    board = add_board(fleet, spec_, build, None, files=loop)
     return Bench(fleet, board)
 
 

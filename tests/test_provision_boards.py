@@ -38,7 +38,7 @@ from tests.test_provision_support import (
     vboard_available,
     vboard_command,
 )
-from vboard import esprom
+from vboard import esprom, flashfs
 from vboard.broker import Mosquitto, find_mosquitto, free_port, wait_for_port
 from vboard.procs import stop_process
 
@@ -309,22 +309,20 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         log.close()
 
 
-def flash_dir(lab: dict[str, Any], name: str) -> Path:
-    """The virtual board's filesystem, a folder on this machine (vboard: <workdir>/<board>/flash)."""
+def flash_image(lab: dict[str, Any], name: str) -> Path:
+    """The virtual board's flash (vboard: <workdir>/<board>/flash.bin), its filesystem inside."""
     group = "vb-05" if name == "vb-05" else "main"
-    return Path(lab["root"]) / f"fleet-{group}" / name / "flash"
+    return Path(lab["root"]) / f"fleet-{group}" / name / "flash.bin"
 
 
 STORE_DIR = "fifo"  # firmware/app.py SAMPLES_DIR: the flash buffer's data, not modules
 
 
 def firmware_modules_on_the_filesystem(lab: dict[str, Any], name: str) -> list[str]:
-    folder = flash_dir(lab, name)
+    files = flashfs.FlashFilesystem(flash_image(lab, name)).mount()
     return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.suffix in (".mpy", ".py") and p.name not in ("boot.py", "main.py")
-    ) + sorted(p.name + "/" for p in folder.iterdir() if p.is_dir() and p.name != STORE_DIR)
+        p for p in files.walk_files() if p.endswith((".mpy", ".py")) and p not in ("boot.py", "main.py")
+    ) + [d + "/" for d in files.dirs() if d != STORE_DIR]
 
 
 def app_module_file(port: str) -> str:
@@ -358,7 +356,10 @@ def test_provision_the_demo_fleet_byte_for_byte(lab: dict[str, Any]) -> None:
     assert {"app.mpy", "drivers/", "drivers/sht3x.mpy"} <= set(
         firmware_modules_on_the_filesystem(lab, "vb-05")
     )
-    (flash_dir(lab, "vb-05") / "store.py").write_text("raise ImportError('the stale copy ran')\n")
+    # (the board idles at its REPL: restart False)
+    flashfs.FlashFilesystem.open(flash_image(lab, "vb-05")).write_bytes(
+        "store.py", "raise ImportError('the stale copy ran')\n"
+    )
 
     result = make("provision", lab)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -379,7 +380,7 @@ def test_provision_the_demo_fleet_byte_for_byte(lab: dict[str, Any]) -> None:
             assert on_board[file_name] == (folder / file_name).read_bytes(), (name, file_name)
         # the image is in the board's flash where the port maps the partition
         image = (folder / manifest["romfs"]["file"]).read_bytes()
-        with (flash_dir(lab, name).parent / "flash.bin").open("rb") as f:
+        with flash_image(lab, name).open("rb") as f:
             f.seek(esprom.ROMFS_OFFSET)
             assert f.read(len(image)) == image, name
         assert firmware_modules_on_the_filesystem(lab, name) == [], name
@@ -621,7 +622,7 @@ def test_the_real_esptool_flashes_a_board_whose_release_differs_and_then_leaves_
     assert row[1] == "changed" and row[4] == "yes", row
     # What esptool wrote is on the board's flash: the image, with the header's flash mode (dio,
     # NodeMCU) and detected size (4 MB) as esptool set them
-    flash = (flash_dir(lab, "vb-04").parent / "flash.bin").read_bytes()
+    flash = flash_image(lab, "vb-04").read_bytes()
     written = (lab["root"] / "micropython-1.28.0.bin").read_bytes()
     assert flash[:2] == written[:2] and flash[4 : len(written)] == written[4:]
     assert flash[2] == 0x02 and flash[3] >> 4 == 0x4, flash[:4].hex()
@@ -652,7 +653,7 @@ def test_the_real_esptool_flashes_a_board_whose_release_differs_and_then_leaves_
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
     row = summary_rows(second.stdout)["vb-04"]
     assert row[1] == "changed" and row[4] == "yes", row  # though the release matched
-    flash = (flash_dir(lab, "vb-04").parent / "flash.bin").read_bytes()
+    flash = flash_image(lab, "vb-04").read_bytes()
     assert b"ESP8266_GENERIC-FLASH_2M_ROMFS\x00" in flash[:0x40000]
     assert "firmware.romfs" in " ".join(row[6:]), row
     assert firmware_modules_on_the_filesystem(lab, "vb-04") == []

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fw_board import console_text
 from tests.vboard_support import SerialClient, mpremote
-from vboard.board import Board
+from vboard.board import Board, prepare_flash
 from vboard.broker import Mosquitto
 from vboard.fleet import Fleet
 from vboard.spec import BoardSpec, LanSpec, board_workdir
@@ -26,7 +26,7 @@ RESULT = b"RESULT "
 def run_program(fleet: Fleet, board: Board, source: str, timeout: float = 120) -> Any:
     """Install `source` as main.py, reset the board, and return the JSON it prints after RESULT."""
     fleet.wait_repl(board)  # the first boot is over: it cannot run this main.py too
-    (board.flash_dir / "main.py").write_text(source)
+    board.files().write_bytes("main.py", source)
     term = SerialClient(board.console.port)
     try:
         fleet.run(board.reset())
@@ -216,7 +216,7 @@ while True:
 def test_fault_injection_is_seen_as_on_hardware(lab: Fleet) -> None:
     board = lab.add(BoardSpec(name="faults"))
     lab.wait_repl(board)
-    (board.flash_dir / "main.py").write_text(FAULTS)
+    board.files().write_bytes("main.py", FAULTS)
     term = SerialClient(board.console.port)
 
     def measure() -> dict[str, object]:
@@ -288,9 +288,7 @@ print('BACK', wlan.status())
 def test_wifi_drop_makes_live_and_new_sockets_fail(lab: Fleet, mosquitto: Mosquitto) -> None:
     board = lab.add(BoardSpec(name="wifi"))
     lab.wait_repl(board)
-    (board.flash_dir / "main.py").write_text(
-        WIFI % {"ssid": SSID, "password": PASSWORD, "port": mosquitto.port}
-    )
+    board.files().write_bytes("main.py", WIFI % {"ssid": SSID, "password": PASSWORD, "port": mosquitto.port})
     term = SerialClient(board.console.port)
     try:
         lab.run(board.reset())
@@ -365,7 +363,8 @@ def test_ntptime_sets_the_rtc_from_simulated_time(lab: Fleet) -> None:
 def test_watchdog_resets_a_stuck_board_and_deepsleep_wakes_it(lab: Fleet) -> None:
     board = lab.add(BoardSpec(name="wdt"))
     lab.wait_repl(board)
-    (board.flash_dir / "main.py").write_text(
+    board.files().write_bytes(
+        "main.py",
         "import machine, time\n"
         "if machine.reset_cause() == machine.WDT_RESET:\n"
         "    print('WDT RESET SEEN')\n"
@@ -377,7 +376,7 @@ def test_watchdog_resets_a_stuck_board_and_deepsleep_wakes_it(lab: Fleet) -> Non
         "    wdt.feed()\n"
         "    print('STUCK')\n"
         "    while True:\n"
-        "        time.sleep_ms(100)  # never feeds again\n"
+        "        time.sleep_ms(100)  # never feeds again\n",
     )
     term = SerialClient(board.console.port)
     try:
@@ -393,7 +392,8 @@ def test_watchdog_keeps_counting_after_ctrl_c_and_a_soft_reset(lab: Fleet) -> No
     """As on the ESP8266: nothing stops a started watchdog but a hard reset."""
     board = lab.add(BoardSpec(name="wdt2"))
     lab.wait_repl(board)
-    (board.flash_dir / "main.py").write_text(
+    board.files().write_bytes(
+        "main.py",
         "import machine, time\n"
         "print('CAUSE', machine.reset_cause())\n"
         "try:\n"
@@ -403,7 +403,7 @@ def test_watchdog_keeps_counting_after_ctrl_c_and_a_soft_reset(lab: Fleet) -> No
         "wdt = machine.WDT()\n"
         "while True:\n"
         "    wdt.feed()\n"
-        "    time.sleep_ms(100)\n"
+        "    time.sleep_ms(100)\n",
     )
     term = SerialClient(board.console.port)
     try:
@@ -437,10 +437,9 @@ print("FREE %d LARGEST %d" % (free, lo))
 
 
 def test_the_free_heap_at_boot_is_in_one_piece_as_on_a_board(lab: Fleet) -> None:
-    flash = board_workdir(lab.workdir, "onepiece") / "flash"
-    flash.mkdir(parents=True)
-    (flash / "main.py").write_text(LARGEST_BLOCK_MAIN)
-    board = lab.add(BoardSpec(name="onepiece"))
+    spec = BoardSpec(name="onepiece")
+    prepare_flash(board_workdir(lab.workdir, spec.name) / "flash.bin", spec, {"main.py": LARGEST_BLOCK_MAIN})
+    board = lab.add(spec)
     lab.wait_repl(board)
     free, largest = map(int, re.findall(r"FREE (\d+) LARGEST (\d+)", console_text(board))[0])
     assert board.heap_holes_at_boot is not None and 0 <= board.heap_holes_at_boot < 8 * 1024

@@ -1,7 +1,7 @@
 """One virtual board: its MicroPython process and everything around it on the host side.
 
 The board runs the real MicroPython unix port (`micropython -X heapsize=N vboard/rom/rom.py`)
-with its flash directory mounted at `/`. This object owns what outlives that process: the
+with LittleFS from its flash image mounted at `/`. This object owns what outlives that process: the
 chips on the buses (the DS3231 keeps time on its battery), the GPIO wiring, the radio and
 gateway, the ESP8266's RTC offset and RTC memory, the raw flash image, the console bridge and
 the reset logic. It serves the MicroPython side's requests (vboard/rom/vb_ipc.py), drives
@@ -14,6 +14,7 @@ bootloader instead, and it boots only what its flash holds (vboard/esprom.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -26,11 +27,11 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from vboard import esprom
+from vboard import esprom, flashfs
 from vboard.bus import I2CBus, Pins, SPIBus
 from vboard.chips.base import I2CDevice
 from vboard.clock import ESP_EPOCH_OFFSET_S, Anchors, SimClock, cpu_factor, real_now_us
@@ -51,11 +52,12 @@ HARD_RESET = 6
 # -X heapsize when the spec says "auto": the firmware should find about as much free heap as on
 # an ESP8266 (~30 KB free after boot of its 38 KiB heap), scaled for this 64-bit port, whose
 # objects are about twice the size (pointers): 64 KiB. The simulated hardware modules occupy
-# the same heap (on a real board they are in ROM/flash): measured at ~88 KiB before boot.py
-# (Board.heap_at_boot, with the static pin and WLAN objects and the holes the ROM fills), so
-# they get their own allowance on top.
+# the same heap (on a real board they are in ROM/flash): measured at ~96.4 KiB before boot.py
+# (Board.heap_at_boot, with the static pin and WLAN objects, the holes the ROM fills and the
+# IPC's 4 KiB reply buffer), so they get their own allowance on top, less the mounted LittleFS
+# (0.9 KiB), which is on a chip's heap too.
 ESP8266_EQUIVALENT_HEAP = 64 * 1024
-HAL_HEAP_OVERHEAD = 88 * 1024
+HAL_HEAP_OVERHEAD = 95 * 1024
 # A firmware with a ROMFS partition has it memory-mapped on the chip; this port cannot map a
 # file, so the ROM copies the partition into the heap before boot. The heap gets that much more
 # (plus the GC's allocation tables for it: 2 + 1 bits per 32-byte block, 259/256) so that a
@@ -65,6 +67,28 @@ GC_BYTES_PER_HEAP_BYTE = (259, 256)
 ROMFS_COPY_OBJECTS = 256  # the bytearray, memoryview and VfsRom objects around the copy
 WDT_TIMEOUT_MS = 5000  # fixed on the ESP8266
 SYNC_WINDOW_BYTES = 128  # console input kept to spot an esptool SYNC split across reads
+
+
+def prepare_flash(image: Path, spec: BoardSpec, files: Mapping[str, bytes | str] | None = None) -> None:
+    """A new board comes with its spec's MicroPython release in flash (so does one whose flash
+    image an earlier vboard left all zeros); an image of another size is cut or extended with
+    erased flash. `files` go into its filesystem (made if there is none yet), as before a first
+    boot."""
+    size = spec.flash_bytes
+    head = b""
+    if image.exists():
+        with image.open("rb") as f:
+            head = f.read(esprom.SECTOR)
+    if not head.strip(b"\x00"):
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(esprom.factory_flash(size, spec.mpy_version, spec.mpy_date, spec.firmware_variant))
+    elif image.stat().st_size != size:
+        with image.open("r+b") as f:
+            f.truncate(min(size, image.stat().st_size))
+            f.seek(0, os.SEEK_END)
+            f.write(b"\xff" * (size - f.tell()))
+    if files:
+        flashfs.FlashFilesystem.open(image, size).write_tree(files)
 
 
 def micropython_binary() -> str:
@@ -80,8 +104,11 @@ class Board:
         self.spec = spec
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.flash_dir = self.workdir / "flash"
         self.flash_image = self.workdir / "flash.bin"
+        # what was done to the flash (the firmware's esp.flash_erase/flash_write, its filesystem's
+        # block device, esptool): erases per sector (wear) and bytes programmed, since the host started
+        self.flash_erases: collections.Counter[int] = collections.Counter()
+        self.flash_programmed = 0
         self.clock = clock
         self.lan = lan
         self.pins = Pins()
@@ -208,7 +235,6 @@ class Board:
 
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.flash_dir.mkdir(exist_ok=True)
         self._prepare_flash()
         self.rom_dir = await asyncio.get_running_loop().run_in_executor(
             None, build_rom, self.workdir.parent / ".rom-cache"
@@ -259,7 +285,7 @@ class Board:
         self.powered = True
         self._power_on.set()
 
-    def _params(self, first_boot: bool, soft: bool) -> dict[str, Any]:
+    def _params(self, soft: bool) -> dict[str, Any]:
         a = self.clock.anchors
         spec = self.spec
         boot_us = self.clock.now_us()
@@ -273,13 +299,11 @@ class Board:
             "reset_cause": self.reset_cause,
             "repl_mode": self.repl_mode,
             "rtc_offset_us": self.rtc_offset_us,
-            "flash_dir": str(self.flash_dir),
-            "first_boot": first_boot,
             "unique_id": list(spec.chip_id),
             "flash_size": spec.flash_bytes,
+            "flash_image": str(self.flash_image.resolve()),
             "flash_id": esprom.jedec_id(spec.flash_bytes),
             "flash_user_start": esprom.filesystem_start(spec.flash_bytes),
-            "fs_size": spec.fs_bytes,
             "uname": ["esp8266", "esp8266", "2.2.0-dev(9422289)", version, "ESP module with ESP8266"],
             "banner": f"MicroPython {version}; ESP module with ESP8266\r\n"
             'Type "help()" for more information.\r\n',
@@ -304,9 +328,8 @@ class Board:
             if self._rtc_lost:
                 self.rtc_offset_us = self._rtc_power_on_offset()
                 self._rtc_lost = False
-            first_boot = not any(self.flash_dir.iterdir())
             self._token = secrets.token_hex(8)
-            self._hello = self._params(first_boot, soft)
+            self._hello = self._params(soft)
             self.exec_running = False
             self.boot_count += 1
             env = {"TZ": "UTC", "MICROPYPATH": ".frozen", "PATH": os.environ.get("PATH", "")}
@@ -320,7 +343,7 @@ class Board:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                cwd=str(self.flash_dir),
+                cwd=str(self.workdir),
                 env=env,
             )
             self._stop_app_for_loader()  # in case the loader took over while it was starting
@@ -509,7 +532,6 @@ class Board:
             ipc.OP_SPI: self._op_spi,
             ipc.OP_PIN_CFG: self._op_pin_cfg,
             ipc.OP_CALL: self._op_call,
-            ipc.OP_FLASH_READ: self._op_flash_read,
             ipc.OP_FLASH_WRITE: self._op_flash_write,
             ipc.OP_FLASH_ERASE: self._op_flash_erase,
         }
@@ -589,19 +611,12 @@ class Board:
         gpio, mode, pull, value = struct.unpack(ipc.PIN_CFG, payload)
         return 0, bytes((self.pins.configure(gpio, mode, pull, value),))
 
-    async def _op_flash_read(self, payload: bytes) -> tuple[int, bytes]:
-        offset, size = struct.unpack("<II", payload)
-        if offset + size > self.spec.flash_bytes:
-            return errno.EIO, b""
-        with self.flash_image.open("rb") as f:
-            f.seek(offset)
-            return 0, f.read(size)
-
     async def _op_flash_write(self, payload: bytes) -> tuple[int, bytes]:
         (offset,) = struct.unpack_from("<I", payload)
         data = payload[4:]
         if offset + len(data) > self.spec.flash_bytes:
             return errno.EIO, b""
+        self.flash_programmed += len(data)
         with self.flash_image.open("r+b") as f:
             f.seek(offset)
             old = f.read(len(data))
@@ -614,6 +629,7 @@ class Board:
         (sector,) = struct.unpack("<I", payload)
         if (sector + 1) * 4096 > self.spec.flash_bytes:
             return errno.EIO, b""
+        self.flash_erases[sector] += 1
         with self.flash_image.open("r+b") as f:
             f.seek(sector * 4096)
             f.write(b"\xff" * 4096)
@@ -736,22 +752,7 @@ class Board:
         self.console.on_disconnect = self._leave_loader
 
     def _prepare_flash(self) -> None:
-        """A new board comes with its spec's MicroPython release in flash (so does one whose
-        flash image an earlier vboard left all zeros)."""
-        size = self.spec.flash_bytes
-        head = b""
-        if self.flash_image.exists():
-            with self.flash_image.open("rb") as f:
-                head = f.read(esprom.SECTOR)
-        if not head.strip(b"\x00"):
-            spec = self.spec
-            image = esprom.factory_flash(size, spec.mpy_version, spec.mpy_date, spec.firmware_variant)
-            self.flash_image.write_bytes(image)
-        elif self.flash_image.stat().st_size != size:
-            with self.flash_image.open("r+b") as f:
-                f.truncate(min(size, self.flash_image.stat().st_size))
-                f.seek(0, os.SEEK_END)
-                f.write(b"\xff" * (size - f.tell()))
+        prepare_flash(self.flash_image, self.spec)
         self._detect_firmware()
 
     def _detect_firmware(self) -> None:
@@ -775,7 +776,7 @@ class Board:
 
     def _enter_loader(self) -> esprom.EspRomLoader:
         log.info("%s: esptool SYNC on the console: reset into the serial bootloader", self.name)
-        flash = esprom.SpiFlash(self.flash_image, self.spec.flash_bytes, on_erase=self._flash_erased)
+        flash = esprom.SpiFlash(self.flash_image, self.spec.flash_bytes, on_erase=self._loader_erased)
         loader = esprom.EspRomLoader(self.spec.mac, flash, self.console.send_raw, self._leave_loader)
         self.loader = loader
         self.console.app_muted = True
@@ -832,18 +833,18 @@ class Board:
             self._rtc_lost = True  # the ESP8266's RTC restarts from 0 when power returns
             self.rtc_memory = b""
 
-    def _flash_erased(self, offset: int, length: int) -> None:
-        """On a real board the filesystem lives in flash: erasing any of its sectors loses it
-        (MicroPython's next boot makes a fresh one with boot.py)."""
-        start = esprom.filesystem_start(self.spec.flash_bytes)
-        if offset < start + self.spec.fs_bytes and start < offset + length:
-            for entry in self.flash_dir.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+    def _loader_erased(self, offset: int, length: int) -> None:
+        for sector in range(offset // esprom.SECTOR, (offset + length) // esprom.SECTOR):
+            self.flash_erases[sector] += 1
 
     # -- for tests and the CLI ------------------------------------------------------------------
+
+    def files(self) -> flashfs.FlashFilesystem:
+        """The filesystem in the board's flash as it is now, formatted if the flash holds none
+        (what the board's next boot would find). Change it only while the board is stopped or
+        idle at its REPL: the board's own LittleFS does not see the host's writes until it
+        mounts again (reset it then)."""
+        return flashfs.FlashFilesystem.open(self.flash_image, self.spec.flash_bytes)
 
     def wait_output(self, pattern: bytes, timeout: float) -> Awaitable[bytes]:
         """Resolves with the console output seen once it contains `pattern`."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Any
 
 import click
 
-from vboard import control
+from vboard import control, flashfs
+from vboard.board import prepare_flash
 from vboard.fleet import Fleet
 from vboard.inventory import default_workdir, from_inventory, looks_like_inventory
 from vboard.scenario import Scenario, load_scenario
-from vboard.spec import BoardSpec, SpecError
+from vboard.spec import BoardSpec, SpecError, board_workdir
 
 WORKDIR_HELP = (
     "Directory for the boards' flash, logs and control socket (default: $TMPDIR/vboard). "
@@ -45,7 +45,7 @@ async def _serve_fleet(scenario: Scenario, workdir: Path, flash_from: dict[str, 
         for spec in scenario.boards:
             source = flash_from.get(spec.name)
             if source is not None:
-                _copy_tree(source, workdir / spec.name / "flash")
+                prepare_flash(board_workdir(workdir, spec.name) / "flash.bin", spec, _host_tree(source))
             board = await fleet.aadd(spec)
             click.echo(f"{board.name:<16} {board.url:<28} log {board.workdir / 'console.log'}")
         (workdir / "fleet.json").write_text(
@@ -68,11 +68,10 @@ async def _serve_fleet(scenario: Scenario, workdir: Path, flash_from: dict[str, 
         click.echo("stopped")
 
 
-def _copy_tree(source: Path, dest: Path) -> None:
+def _host_tree(source: Path) -> dict[str, bytes]:
     if not source.is_dir():
         raise click.BadParameter(f"{source} is not a directory", param_hint="--flash-from")
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, dest, dirs_exist_ok=True)
+    return flashfs.tree(source)
 
 
 def _run(scenario: Scenario, workdir: Path, flash_from: dict[str, Path] | None = None) -> None:
@@ -133,7 +132,7 @@ def main() -> None:
 @click.option(
     "--flash-from",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Copy this directory onto the board's flash before it starts (e.g. build/lab-01).",
+    help="Copy this directory's files into the board's filesystem before it starts (e.g. build/lab-01).",
 )
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help=WORKDIR_HELP)
 def run(

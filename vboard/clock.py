@@ -1,11 +1,13 @@
 """Simulated time, shared by a virtual board's host process and its MicroPython process.
 
-A board's simulated clock is a linear function of the host's CLOCK_REALTIME:
+A board's simulated clock is a linear function of the host's CLOCK_MONOTONIC:
 
     sim_us = sim_anchor_us + (real_us - real_anchor_us) * speed_milli // 1000
 
-Both processes read the same kernel clock (CPython `time.time_ns()`, MicroPython's unix port
-`time.time_ns()`), so with the same three numbers they agree on simulated time to the
+Both processes read the same kernel clock (CPython `time.monotonic_ns()`, MicroPython's unix
+port `time.ticks_us()`: unix_mphal.c reads CLOCK_MONOTONIC, and on the 64-bit port the value is
+a small int, where `time_ns()` makes a long one on every call), so with the same three numbers
+they agree on simulated time to the
 microsecond without exchanging messages. Everything on the board that measures or waits for
 time derives from this one function: `time.time()`/`ticks_*`/`sleep*`, the DS3231 registers and
 its SQW edges, sensor conversion times, NTP answers, socket and WDT timeouts. A speed change
@@ -45,7 +47,7 @@ class Anchors:
 
 
 def real_now_us() -> int:
-    return time.time_ns() // 1000
+    return time.monotonic_ns() // 1000
 
 
 class SimClock:
@@ -55,7 +57,7 @@ class SimClock:
         if speed <= 0:
             raise ValueError("speed must be positive")
         now = real_now_us()
-        sim = now if start is None else int(start * 1_000_000)
+        sim = time.time_ns() // 1000 if start is None else int(start * 1_000_000)  # Unix time
         self._lock = threading.Lock()
         self._anchors = Anchors(now, sim, round(speed * 1000))
 

@@ -17,8 +17,6 @@ from firmware import config as fwconfig
 from vboard.esprom import ROMFS_VARIANT
 
 ESP8266_FLASH_SIZES = {"1MB": 1 << 20, "2MB": 2 << 20, "4MB": 4 << 20, "8MB": 8 << 20, "16MB": 16 << 20}
-# Filesystem size of the MicroPython ESP8266 builds per flash size (the rest is firmware).
-FS_SIZE = {1 << 20: 396 * 1024, 2 << 20: 1024 * 1024, 4 << 20: 3 * 1024 * 1024}
 DEFAULT_MPY_VERSION = "1.27.0"
 DEFAULT_MPY_DATE = "2025-12-09"
 HEAP_SIZE = re.compile(r"([1-9][0-9]*)([KkMm]?)")  # as -X heapsize takes it
@@ -84,10 +82,6 @@ class BoardSpec:
         """The heapsize in bytes; None for "auto" (the board decides)."""
         found = HEAP_SIZE.fullmatch(self.heapsize)
         return int(found.group(1)) * HEAP_UNITS[found.group(2).upper()] if found else None
-
-    @property
-    def fs_bytes(self) -> int:
-        return FS_SIZE.get(self.flash_bytes, self.flash_bytes - (1 << 20))
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any], where: str = "") -> BoardSpec:

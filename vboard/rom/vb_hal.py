@@ -1,9 +1,10 @@
 # The virtual board's hardware access layer, MicroPython side: the two IPC channels to the
 # host process, the simulated clock, and the GPIO level cache with pin-IRQ dispatch.
 #
-# Simulated time: sim_us = sim_anchor + (real_us - real_anchor) * speed_milli // 1000, with
-# real_us from CLOCK_REALTIME (time.time_ns), the same clock and formula the host uses
-# (vboard/clock.py). The host can re-anchor at any time through an EV_CLOCK event.
+# Fleet time: fleet_us = sim_anchor + (real_us - real_anchor) * speed_milli // 1000, with
+# real_us from CLOCK_MONOTONIC (time.ticks_us), the same clock and formula the host uses
+# (vboard/clock.py). The host can re-anchor at any time through an EV_CLOCK event; the board's
+# own clock is charged from its CPU time (below, "time").
 #
 # Pin IRQs: a thread reads host events; a level change on a pin with an IRQ armed for that
 # edge is handed to micropython.schedule, exactly where the ESP8266 port's GPIO interrupt
@@ -65,9 +66,10 @@ def _connect(port):
 # A Ctrl-C (SIGINT) can land in the middle of a request: MicroPython raises the pending
 # KeyboardInterrupt at the next jump of whatever bytecode runs, so anywhere in the exchange.
 # The channel must stay framed whatever was cut short, as the port raises the interrupt out
-# of a blocking operation and carries on. So: reads and writes are single recv/send calls
-# (the stream methods loop over several and lose what they moved when a signal interrupts
-# the next), the reader keeps its buffer and fill level in an object and updates them with
+# of a blocking operation and carries on. So: the request socket is non-blocking, and only
+# poll() waits (a signal raises there, before any byte is taken); reads copy what has come
+# straight into the reader's buffer (readinto: no bytes object per reply), sends are single
+# send calls, the reader keeps its buffer and fill level in an object and updates them with
 # no jump in between (a cut-short read resumes where it stopped), and every request carries
 # a sequence number that its reply echoes, so the reply of a request the interrupt abandoned
 # is recognised and dropped by the next one. An interrupt while sending is raised once the
@@ -80,18 +82,30 @@ def _connect(port):
 # interrupt pure-Python loops some other way.
 _deferred = None
 _seq = 0
+_EAGAIN = 11
 
 
 class _Reader:
     """Whole frames from a socket, resumable after any exception."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, buf):
         self.sock = sock
-        self.buf = bytearray(256)
+        sock.setblocking(False)
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.buf = buf
+        self.view = memoryview(self.buf)
         self.fill = 0
+        self.end = 0  # of the last frame next() read, in buf
 
     def frame(self):
         """(status, payload) of the next frame."""
+        status = self.next()
+        return status, bytes(self.view[ipc.HEADER_SIZE : self.end])
+
+    def next(self):
+        """The status of the next frame, which stays in buf up to `end` until the next call
+        (nothing allocated for it)."""
         while True:
             fill = self.fill
             buf = self.buf
@@ -99,25 +113,30 @@ class _Reader:
             if fill >= end:
                 end = ipc.HEADER_SIZE + (buf[0] | buf[1] << 8) - 1
                 if fill >= end:  # (never more: reads stop at the frame's end)
-                    status = buf[2]
-                    payload = bytes(buf[ipc.HEADER_SIZE : end])
                     self.fill = 0
-                    return status, payload
+                    self.end = end
+                    return buf[2]
             if end > len(buf):
                 grown = bytearray(end)
                 grown[:fill] = buf[:fill]
                 self.buf = grown
+                self.view = memoryview(grown)
                 buf = grown
-            # recv: one read(2). readinto/write loop until n bytes, and a signal between two of
-            # their reads raises with the bytes already taken lost.
-            got = self.sock.recv(end - fill)
-            buf[fill : fill + len(got)] = got
-            self.fill = fill + len(got)
+            got = self.sock.readinto(self.view[fill:end])  # what has come, in place
+            if got is None:
+                for _ in self.poller.ipoll(-1):  # (ipoll: no list to allocate)
+                    break
+                continue
+            self.fill = fill + got
             if not got:
                 raise OSError(104)  # the host went away: nothing sensible left to do
 
 
 _reader = None
+# Room for a sector's reply from the start (a buffer grown later would sit in the middle of the
+# firmware's heap), made before anything else so that where it lands does not depend on the
+# garbage the start leaves (the boot parameters' size, say)
+_reply_buf = bytearray(ipc.HEADER_SIZE + ipc.SEQ_SIZE + ipc.SECTOR_SIZE)
 
 
 def reader_buffer_size():
@@ -126,18 +145,31 @@ def reader_buffer_size():
 
 def shrink_reader_buffer(size):
     """Give back what large replies grew the reader's buffer to (it keeps its largest frame)."""
-    _reader.buf = bytearray(size)
+    if len(_reader.buf) != size:
+        _reader.buf = bytearray(size)
+        _reader.view = memoryview(_reader.buf)
 
 
 def _write_all(sock, data):
     global _deferred
-    mv = memoryview(data)
     sent = 0
     while sent < len(data):
         try:
-            sent += sock.send(mv[sent:])  # one write(2) (see _Reader)
+            # one write(2) (see _Reader); the whole frame at once, as good as always
+            sent += sock.send(data if not sent else memoryview(data)[sent:])
         except KeyboardInterrupt as e:
             _deferred = e
+        except OSError as e:
+            if e.errno != _EAGAIN:
+                raise
+            _wait_writable(sock)
+
+
+def _wait_writable(sock):
+    """The request socket is non-blocking (see _Reader): its host reads slowly."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    poller.poll(-1)
 
 
 def _send(sock, op, payload):
@@ -152,24 +184,57 @@ def _raise_deferred():
         raise e
 
 
-def request(op, payload=b""):
-    """Send a request and return the reply payload; a non-zero status raises OSError(status)."""
+# A request's frame is built here: header, sequence number, stamp, then up to two "<I" words
+# and the payload (a filesystem program of 128 bytes fits; larger ones get their own buffer)
+_REQUEST_HEAD = ipc.HEADER + ipc.SEQ[1:] + ipc.STAMP[1:]
+_REQUEST_HEAD_SIZE = ipc.HEADER_SIZE + ipc.SEQ_SIZE + ipc.STAMP_SIZE
+_out = bytearray(_REQUEST_HEAD_SIZE + 8 + 512)
+_out_view = memoryview(_out)
+
+
+def request(op, payload=b"", into=None):
+    """Send a request and return the reply payload; a non-zero status raises OSError(status).
+    With `into` the payload is copied into that buffer instead."""
+    return exchange(op, 0, 0, 0, payload, into)
+
+
+def exchange(op, words, word0, word1, payload, into):
+    """request() with `words` (0-2) "<I" words before the payload, built in place: the
+    chip's flash calls allocate nothing (finalisers run them with the heap locked), and
+    what this one allocates is a few small objects, not the frames."""
     global _seq
     _seq = (_seq + 1) & 0xFFFF
     seq = _seq
     now = _sync()
+    if isinstance(payload, str):
+        payload = payload.encode()  # (JSON)
+    at = _REQUEST_HEAD_SIZE + 4 * words
+    end = at + len(payload)
+    out = _out if end <= len(_out) else bytearray(end)
+    struct.pack_into(_REQUEST_HEAD, out, 0, end - ipc.HEADER_SIZE + 1, op, seq, now)
+    if words:
+        struct.pack_into("<I", out, _REQUEST_HEAD_SIZE, word0)
+        if words > 1:
+            struct.pack_into("<I", out, _REQUEST_HEAD_SIZE + 4, word1)
+    if payload:
+        out[at:end] = payload
+    reader = _reader
     try:
-        _send(_req, op, struct.pack(ipc.SEQ, seq) + struct.pack(ipc.STAMP, now) + payload)
+        _write_all(_req, out if end == len(out) else (_out_view if out is _out else memoryview(out))[:end])
         while True:
-            status, reply = _reader.frame()
-            if reply[0] | reply[1] << 8 == seq:
+            status = reader.next()
+            buf = reader.buf
+            if buf[ipc.HEADER_SIZE] | buf[ipc.HEADER_SIZE + 1] << 8 == seq:
                 break  # older ones are replies to requests an interrupt abandoned
+        start = ipc.HEADER_SIZE + ipc.SEQ_SIZE
+        if into is not None and not status:
+            into[:] = reader.view[start : reader.end]
     finally:
         _resume(now)  # the round trip is the simulation's, not the chip's
     _raise_deferred()
     if status:
         raise OSError(status)
-    return reply[ipc.SEQ_SIZE :]
+    return None if into is not None else bytes(reader.view[start : reader.end])
 
 
 def post(op, payload=b""):
@@ -211,12 +276,18 @@ _cpu_milli = 1000  # cpu_factor x 1000
 _s_us = 0  # S at the last sync point, from the CPU time charged
 _r_us = 0  # real time at the last sync point (for sim_us()'s estimate between them)
 _cpu_us = 0  # the thread's CPU time at the last sync point
+# What an interval between two readings of the CPU time costs the thread by itself (the rest of
+# one reading, the start of the next, the native calls around them): the simulation's, not the
+# firmware's. Measured at start (_calibrate_sync_cost).
+_sync_cost_us = 0
+_last_interval_us = 0  # CPU time of the interval the last sync point ended (before the cost)
 _reported = 0  # the largest S handed out: S never goes back
 _ahead_us = 0  # how far sim_us()'s estimates ran ahead of the CPU time: taken off what follows
 
 
 def real_us():
-    return real_time.time_ns() // 1000
+    # CLOCK_MONOTONIC, as the host's vboard/clock.real_now_us(); a small int (time_ns() is not)
+    return real_time.ticks_us()
 
 
 def fleet_us(real):
@@ -240,6 +311,30 @@ def _open_schedstat():
         _sched = open("/proc/thread-self/schedstat", "rb")  # noqa: SIM115 - kept open, read at every sync
     except OSError:
         _sched = None
+        return
+
+
+def _probe_plain():
+    native_enter()
+    native_exit()
+
+
+def _typical_interval(probe):
+    """The CPU time of an interval with nothing in it but what `probe` (a native call, as the
+    firmware makes them) leaves: the median of many (being preempted makes a few longer)."""
+    seen = []
+    for _ in range(49):
+        probe()
+        probe()  # its start ends the interval the first one's end began
+        seen.append(_last_interval_us)
+    seen.sort()
+    return seen[len(seen) // 2]
+
+
+def _calibrate_sync_cost():
+    global _sync_cost_us
+    _sync_cost_us = 0
+    _sync_cost_us = _typical_interval(_probe_plain)
 
 
 def _cpu_now_us():
@@ -276,8 +371,8 @@ def sim_us():
     global _reported, _r_us
     if _native:
         return _native_s
-    entered = real_time.time_ns()
-    ran = entered // 1000 - _r_us
+    entered = real_time.ticks_us()
+    ran = entered - _r_us
     if ran > _SYNC_AFTER_REAL_US:
         s = _sync_now()
     else:
@@ -288,7 +383,7 @@ def sim_us():
     if 0 <= _sqw_next <= s:
         _sqw_advance(s)
     # this function is the port's C (a register read): its own time here is the simulation's
-    _r_us += (real_time.time_ns() - entered) // 1000
+    _r_us += real_time.ticks_us() - entered
     return s
 
 
@@ -301,8 +396,11 @@ def _sync():
 
 def _sync_now():
     global _s_us, _r_us, _cpu_us, _reported, _ahead_us
+    global _last_interval_us
     cpu = _cpu_now_us()
-    charge = (cpu - _cpu_us) * _cpu_milli // 1000
+    _last_interval_us = cpu - _cpu_us
+    ran = _last_interval_us - _sync_cost_us
+    charge = ran * _cpu_milli // 1000 if ran > 0 else 0
     if _ahead_us:
         taken = charge if charge < _ahead_us else _ahead_us
         charge -= taken
@@ -677,7 +775,7 @@ def _read_events():
         got = None
         if fill < len(buf):
             try:
-                got = _evt.readinto(_evt_view[fill:])
+                got = _evt.readinto(_evt_view[fill:] if fill else _evt_view)
             except OSError:
                 got = None
             if got == 0:
@@ -711,11 +809,12 @@ def _read_events():
 
 def start(argv):
     """Connect to the host, fetch the boot parameters (start_events() starts the event thread)."""
-    global params, _req, _reader, _evt, _anchors, boot_sim_us, _cpu_milli, _sqw_pin
+    global params, _req, _reader, _reply_buf, _evt, _anchors, boot_sim_us, _cpu_milli, _sqw_pin
     port = int(argv[1])
     token = argv[2].encode()
     _req = _connect(port)
-    _reader = _Reader(_req)
+    _reader = _Reader(_req, _reply_buf)
+    _reply_buf = None  # the reader's now
     _send(_req, ipc.OP_HELLO, b"R" + token)
     params = json.loads(_reader.frame()[1])
     _evt = _connect(port)
@@ -726,6 +825,8 @@ def start(argv):
     boot_sim_us = params["boot_sim_us"]
     _cpu_milli = params["cpu_factor_milli"]
     _open_schedstat()
+    if _sched is not None:
+        _calibrate_sync_cost()
     _resume(boot_sim_us)
     # The ROM's own start (the port's C main(): mounting, the heap, the static objects) stands
     # still in simulated time until boot.py starts (vb_rom.boot calls native_exit()).

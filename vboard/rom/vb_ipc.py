@@ -24,6 +24,7 @@ SEQ = "<H"
 SEQ_SIZE = 2
 STAMP = "<q"  # the board's simulated time when it made the request (us)
 STAMP_SIZE = 8
+SECTOR_SIZE = 4096  # a flash sector: the largest reply the reader is made for at once
 MAX_FRAME = 65535
 
 # requests with a reply
@@ -32,7 +33,7 @@ OP_I2C = 2  # payload: I2C_HEAD + sequence       -> per step results (see below)
 OP_SPI = 3  # payload: SPI_HEAD + MOSI bytes     -> MISO bytes
 OP_PIN_CFG = 4  # payload: PIN_CFG               -> u8 level the pin now reads
 OP_CALL = 5  # payload: JSON [name, arg, ...]     -> JSON result
-OP_FLASH_READ = 6  # payload: "<II" offset, size -> bytes
+# 6: was OP_FLASH_READ (the ROM reads its flash image itself, vb_esp.py)
 OP_FLASH_WRITE = 7  # payload: "<I" offset + data -> empty
 OP_FLASH_ERASE = 8  # payload: "<I" sector       -> empty
 

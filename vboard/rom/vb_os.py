@@ -1,5 +1,5 @@
-# `os` as on the ESP8266 port: the board's filesystem (its flash directory, mounted at /),
-# uname() of the configured MicroPython release, statvfs() of the simulated flash size.
+# `os` as on the ESP8266 port: the board's filesystem (LittleFS in its flash, mounted at /),
+# uname() of the configured MicroPython release.
 # The unix port's process functions (system, getenv, ...) are not on a board.
 
 import os as _os
@@ -23,13 +23,8 @@ VfsLfs2 = _os.VfsLfs2
 unlink = _os.remove
 
 
-def ilistdir(path="."):
-    # FAT and littlefs on the board report sizes; VfsPosix's entries lack them.
-    base = path if path not in ("", ".") else ""
-    for entry in _os.ilistdir(path):
-        full = (base + "/" + entry[0]) if base else entry[0]
-        size = 0 if entry[1] == 0x4000 else _os.stat(full)[6]
-        yield (entry[0], entry[1], 0, size)
+ilistdir = _os.ilistdir
+statvfs = _os.statvfs
 
 
 def sync():
@@ -55,22 +50,3 @@ class _UnameResult(tuple):
 def uname():
     u = hal.params["uname"]
     return _UnameResult((u[0], u[1], u[2], u[3], u[4]))
-
-
-def _used_bytes(path):
-    total = 0
-    for entry in ilistdir(path):
-        child = path + "/" + entry[0] if path != "/" else "/" + entry[0]
-        if entry[1] == 0x4000:
-            total += _used_bytes(child)
-        else:
-            # whole blocks, as a FAT/littlefs filesystem allocates them
-            total += (entry[3] + 4095) // 4096 * 4096
-    return total
-
-
-def statvfs(path):
-    block = 4096
-    blocks = hal.params["fs_size"] // block
-    free = max(0, blocks - _used_bytes("/") // block)
-    return (block, block, blocks, free, free, 0, 0, 0, 0, 255)

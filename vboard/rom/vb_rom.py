@@ -147,7 +147,11 @@ def _compile_file(name):
     # The file's text is garbage once compiled: pyexec_file lexes a file through a small buffer,
     # so a script that never returns (main.py) does not keep its text in the heap on a board.
     with open(name) as f:
-        return compile(f.read(), name, "exec")
+        text = f.read()
+    # Reading it through the simulated flash left garbage (the requests to the host) that the
+    # chip's C reads do not make: collected before the compiler's objects land among it
+    gc.collect()
+    return compile(text, name, "exec")
 
 
 def run_file(name):
@@ -398,13 +402,20 @@ def _fill_to_the_end():
     return node[0]
 
 
+def _filesystem_corrupted(message):
+    # inisetup.fs_corrupted(): the message every 3 s, forever; Ctrl-C stops it
+    while True:
+        write(message.encode())
+        hal.sleep_until_sim(hal.sim_us() + 3000000)
+
+
 def boot():
-    vb_vfs.mount(vb_vfs.VfsPosix(params["flash_dir"]), "/")
+    fresh = vb_vfs.mount_flash(_filesystem_corrupted)
     vb_os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]
     if vb_vfs.mount_romfs("/rom"):
         sys.path[2:2] = ["/rom", "/rom/lib"]
-    if params["first_boot"]:
+    if fresh:
         # _boot.py of the port writes this boot.py into a freshly formatted filesystem
         with open("boot.py", "wb") as f:
             f.write(FIRST_BOOT_PY)

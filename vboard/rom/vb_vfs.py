@@ -92,3 +92,79 @@ def _rom_ioctl(op, *args):
 def enable_rom_ioctl():
     global rom_ioctl
     rom_ioctl = _rom_ioctl
+
+
+# -- the filesystem in flash (a board with filesystem: littlefs) --------------------------------
+
+
+class FlashBdev:
+    """ports/esp8266/modules/flashbdev.py, as the port freezes it: the flash's user sectors as
+    a block device of 4 KiB blocks, through `esp` (here: the host's flash.bin)."""
+
+    SEC_SIZE = 4096
+
+    def __init__(self, start_sec, blocks):
+        self.start_sec = start_sec
+        self.blocks = blocks
+
+    def readblocks(self, n, buf, off=0):
+        vb_esp.flash_read((n + self.start_sec) * self.SEC_SIZE + off, buf)
+
+    def writeblocks(self, n, buf, off=None):
+        if off is None:
+            vb_esp.flash_erase(n + self.start_sec)
+            off = 0
+        vb_esp.flash_write((n + self.start_sec) * self.SEC_SIZE + off, buf)
+
+    def ioctl(self, op, arg):
+        if op == 4:  # MP_BLOCKDEV_IOCTL_BLOCK_COUNT
+            return self.blocks
+        if op == 5:  # MP_BLOCKDEV_IOCTL_BLOCK_SIZE
+            return self.SEC_SIZE
+        if op == 6:  # MP_BLOCKDEV_IOCTL_BLOCK_ERASE
+            vb_esp.flash_erase(arg + self.start_sec)
+            return 0
+        return None
+
+
+def flash_bdev():
+    """flashbdev.py's `bdev`: None below 1 MB of flash; 20 KiB at the end are the SDK's."""
+    size = vb_esp.flash_size()
+    if size < 1024 * 1024:
+        return None
+    start_sec = vb_esp.flash_user_start() // FlashBdev.SEC_SIZE
+    if start_sec < 256:
+        start_sec += 1  # reserve space for native code
+    return FlashBdev(start_sec, (size - 20480) // FlashBdev.SEC_SIZE - start_sec)
+
+
+FS_CORRUPTED = """\
+The filesystem starting at sector %d with size %d sectors looks corrupt.
+You may want to make a flash snapshot and try to recover it. Otherwise,
+format it with vfs.VfsLfs2.mkfs(bdev), or completely erase the flash and
+reprogram MicroPython.
+"""
+
+
+def mount_flash(on_corrupt):
+    """The port's _boot.py and inisetup.setup(): mount the flash's filesystem at /; on a blank
+    first block make a LittleFS v2 there ("Performing initial setup") and return True (boot.py
+    is then to be written); a filesystem that does not mount and is not blank is corrupt:
+    `on_corrupt(message)` is called, as inisetup.fs_corrupted() loops forever."""
+    bdev = flash_bdev()
+    if bdev is None:
+        return False
+    try:
+        mount(bdev, "/")
+        return False
+    except OSError:
+        pass
+    buf = bytearray(bdev.SEC_SIZE)
+    bdev.readblocks(0, buf)
+    for b in buf:
+        if b != 0xFF:
+            on_corrupt(FS_CORRUPTED % (bdev.start_sec, bdev.blocks))
+    print("Performing initial setup")
+    VfsLfs2.mkfs(bdev)
+    mount(VfsLfs2(bdev), "/")
+    return True
