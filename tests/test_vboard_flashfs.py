@@ -170,6 +170,14 @@ def test_flash_erase_and_program_cost_the_chips_time(fleet: Fleet) -> None:
     assert 16 * 700 <= int(write_us) < 30_000, out
     assert head.strip() == repr(bytes(8))
     assert board.flash_erases[sector] == 1
+    # modesp.c: a length that is not whole words is refused before the SDK sees it
+    misaligned = mpremote(
+        board.url,
+        "exec",
+        f"import esp\ntry:\n    esp.flash_write({sector * 4096}, b'abc')\n"
+        "except ValueError as e:\n    print(e)",
+    )
+    assert misaligned.strip() == "len must be multiple of 4"
     # LittleFS mounts again over what the raw writes left outside its blocks in use
     fleet.run(board.reset())
     assert "boot.py" in mpremote(board.url, "fs", "ls")

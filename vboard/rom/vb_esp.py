@@ -61,8 +61,12 @@ def flash_read(offset, length_or_buffer):
 def flash_write(offset, data):
     hal.native_enter()
     try:
-        if offset % 4 or len(data) % 4:
-            raise OSError(22)  # the SDK writes whole 32-bit words only
+        # modesp.c esp_flash_write: the length is checked first; the SDK writes whole 32-bit
+        # words to an aligned address, and any other result of spi_flash_write is EIO
+        if len(data) % 4:
+            raise ValueError("len must be multiple of 4")
+        if offset % 4:
+            raise OSError(_EIO)
         n = len(data)
         if n:  # every 256-byte page the write touches is one page program
             hal.charge_us(((offset + n - 1) // PAGE_SIZE - offset // PAGE_SIZE + 1) * PAGE_PROGRAM_US)
