@@ -70,7 +70,7 @@ def flash_write(offset, data):
         n = len(data)
         if n:  # every 256-byte page the write touches is one page program
             hal.charge_us(((offset + n - 1) // PAGE_SIZE - offset // PAGE_SIZE + 1) * PAGE_PROGRAM_US)
-        hal.exchange(ipc.OP_FLASH_WRITE, 1, offset, 0, data, None)
+        hal.request(ipc.OP_FLASH_WRITE, data, offset)
     finally:
         hal.native_exit()
 
@@ -79,7 +79,7 @@ def flash_erase(sector):
     hal.native_enter()
     try:
         hal.charge_us(SECTOR_ERASE_US)
-        hal.exchange(ipc.OP_FLASH_ERASE, 1, sector, 0, b"", None)
+        hal.request(ipc.OP_FLASH_ERASE, b"", sector)
     finally:
         hal.native_exit()
 

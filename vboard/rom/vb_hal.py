@@ -139,17 +139,6 @@ _reader = None
 _reply_buf = bytearray(ipc.HEADER_SIZE + ipc.SEQ_SIZE + ipc.SECTOR_SIZE)
 
 
-def reader_buffer_size():
-    return len(_reader.buf)
-
-
-def shrink_reader_buffer(size):
-    """Give back what large replies grew the reader's buffer to (it keeps its largest frame)."""
-    if len(_reader.buf) != size:
-        _reader.buf = bytearray(size)
-        _reader.view = memoryview(_reader.buf)
-
-
 def _write_all(sock, data):
     global _deferred
     sent = 0
@@ -184,38 +173,31 @@ def _raise_deferred():
         raise e
 
 
-# A request's frame is built here: header, sequence number, stamp, then up to two "<I" words
+# A request's frame is built here: header, sequence number, stamp, then an optional "<I" word
 # and the payload (a filesystem program of 128 bytes fits; larger ones get their own buffer)
 _REQUEST_HEAD = ipc.HEADER + ipc.SEQ[1:] + ipc.STAMP[1:]
 _REQUEST_HEAD_SIZE = ipc.HEADER_SIZE + ipc.SEQ_SIZE + ipc.STAMP_SIZE
-_out = bytearray(_REQUEST_HEAD_SIZE + 8 + 512)
+_out = bytearray(_REQUEST_HEAD_SIZE + 4 + 512)
 _out_view = memoryview(_out)
 
 
-def request(op, payload=b"", into=None):
+def request(op, payload=b"", word=None):
     """Send a request and return the reply payload; a non-zero status raises OSError(status).
-    With `into` the payload is copied into that buffer instead."""
-    return exchange(op, 0, 0, 0, payload, into)
-
-
-def exchange(op, words, word0, word1, payload, into):
-    """request() with `words` (0-2) "<I" words before the payload, built in place: the
-    chip's flash calls allocate nothing (finalisers run them with the heap locked), and
-    what this one allocates is a few small objects, not the frames."""
+    `word` (a flash address or sector) goes before the payload as "<I". The frame is built in
+    place: the chip's flash calls allocate nothing (finalisers run them with the heap locked),
+    and what this allocates is a few small objects, not the frames."""
     global _seq
     _seq = (_seq + 1) & 0xFFFF
     seq = _seq
     now = _sync()
     if isinstance(payload, str):
         payload = payload.encode()  # (JSON)
-    at = _REQUEST_HEAD_SIZE + 4 * words
+    at = _REQUEST_HEAD_SIZE if word is None else _REQUEST_HEAD_SIZE + 4
     end = at + len(payload)
     out = _out if end <= len(_out) else bytearray(end)
     struct.pack_into(_REQUEST_HEAD, out, 0, end - ipc.HEADER_SIZE + 1, op, seq, now)
-    if words:
-        struct.pack_into("<I", out, _REQUEST_HEAD_SIZE, word0)
-        if words > 1:
-            struct.pack_into("<I", out, _REQUEST_HEAD_SIZE + 4, word1)
+    if word is not None:
+        struct.pack_into("<I", out, _REQUEST_HEAD_SIZE, word)
     if payload:
         out[at:end] = payload
     reader = _reader
@@ -226,15 +208,12 @@ def exchange(op, words, word0, word1, payload, into):
             buf = reader.buf
             if buf[ipc.HEADER_SIZE] | buf[ipc.HEADER_SIZE + 1] << 8 == seq:
                 break  # older ones are replies to requests an interrupt abandoned
-        start = ipc.HEADER_SIZE + ipc.SEQ_SIZE
-        if into is not None and not status:
-            into[:] = reader.view[start : reader.end]
     finally:
         _resume(now)  # the round trip is the simulation's, not the chip's
     _raise_deferred()
     if status:
         raise OSError(status)
-    return None if into is not None else bytes(reader.view[start : reader.end])
+    return bytes(reader.view[ipc.HEADER_SIZE + ipc.SEQ_SIZE : reader.end])
 
 
 def post(op, payload=b""):
@@ -311,30 +290,21 @@ def _open_schedstat():
         _sched = open("/proc/thread-self/schedstat", "rb")  # noqa: SIM115 - kept open, read at every sync
     except OSError:
         _sched = None
-        return
-
-
-def _probe_plain():
-    native_enter()
-    native_exit()
-
-
-def _typical_interval(probe):
-    """The CPU time of an interval with nothing in it but what `probe` (a native call, as the
-    firmware makes them) leaves: the median of many (being preempted makes a few longer)."""
-    seen = []
-    for _ in range(49):
-        probe()
-        probe()  # its start ends the interval the first one's end began
-        seen.append(_last_interval_us)
-    seen.sort()
-    return seen[len(seen) // 2]
 
 
 def _calibrate_sync_cost():
+    """The CPU time of an interval with nothing in it but the native calls that end and start
+    it, as the firmware makes them: the median of many (being preempted makes a few longer)."""
     global _sync_cost_us
-    _sync_cost_us = 0
-    _sync_cost_us = _typical_interval(_probe_plain)
+    seen = []
+    for _ in range(49):
+        native_enter()
+        native_exit()
+        native_enter()  # its sync point ends the interval the first one's end began
+        native_exit()
+        seen.append(_last_interval_us)
+    seen.sort()
+    _sync_cost_us = seen[len(seen) // 2]
 
 
 def _cpu_now_us():

@@ -10,7 +10,6 @@
 # equal to the flash through rom_ioctl's erases and writes, as the chip's flash cache shows them.
 
 import vb_esp
-import vb_hal as hal
 import vfs as _vfs
 
 VfsFat = _vfs.VfsFat
@@ -26,7 +25,6 @@ _GET_SEGMENT = 2
 _WRITE_PREPARE = 3
 _WRITE = 4
 _MIN_WRITE = 4  # the SDK writes whole 32-bit words
-_READ_CHUNK = 4096  # a sector per request: the reply is a transient block of that size
 ROMFS_MAGIC = b"\xd2\xcd\x31"
 
 _offset = 0
@@ -36,13 +34,8 @@ _mapped = None
 def map_partition(offset, size):
     global _offset, _mapped
     _offset = offset
-    kept = hal.reader_buffer_size()
     _mapped = bytearray(size)
-    view = memoryview(_mapped)
-    for at in range(0, size, _READ_CHUNK):
-        n = min(_READ_CHUNK, size - at)
-        view[at : at + n] = vb_esp.flash_read(offset + at, n)
-    hal.shrink_reader_buffer(kept)  # the copy stands for flash: what it took is not the ROM's
+    vb_esp.flash_read(offset, _mapped)  # straight from the image: no transient copy
 
 
 def mapped_bytes():
