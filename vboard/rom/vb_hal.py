@@ -292,16 +292,20 @@ def _open_schedstat():
         _sched = None
 
 
+def _probe_plain():
+    native_enter()
+    native_exit()
+
+
 def _calibrate_sync_cost():
-    """The CPU time of an interval with nothing in it but the native calls that end and start
-    it, as the firmware makes them: the median of many (being preempted makes a few longer)."""
+    """The CPU time of an interval with nothing in it but a native call's return and the next
+    one's call, as the firmware makes them (a function each: the call's glue is in the
+    interval): the median of many (being preempted makes a few longer)."""
     global _sync_cost_us
     seen = []
     for _ in range(49):
-        native_enter()
-        native_exit()
-        native_enter()  # its sync point ends the interval the first one's end began
-        native_exit()
+        _probe_plain()
+        _probe_plain()  # its sync point ends the interval the first one's end began
         seen.append(_last_interval_us)
     seen.sort()
     _sync_cost_us = seen[len(seen) // 2]
