@@ -163,6 +163,9 @@ class Board:
         # where the board's clock started at its last boot (simulated s): the host process's
         # start-up is no board time, so the board's clock may trail the fleet's a little then
         self.booted_at: float | None = None
+        # the board's clock when reset() was last called: the stamp of its newest request (it
+        # had run at least that far; a trailing board's clock then restarts at the fleet's)
+        self.reset_at: float | None = None
         self._request_now: float | None = None  # the stamp of the request being served
         self._sqw_sent: tuple[int, int] | None = None  # the square wave as the board knows it
         self._build_hardware()
@@ -273,6 +276,8 @@ class Board:
         """Hard reset (RST pin, watchdog, machine.reset()): the interpreter restarts, the
         flash and the battery-backed DS3231 keep their contents."""
         self._pending_reset = cause
+        # the board's own clock at the reset (it may trail the fleet's, see board_now)
+        self.reset_at = self._board_stamp[0] if self._board_stamp is not None else self.clock.now()
         self._rom_reset()
         await self._kill()
 
