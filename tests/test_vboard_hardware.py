@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tests.vboard_support import SerialClient, mpremote
 from vboard.board import Board, prepare_flash
 from vboard.broker import Mosquitto
 from vboard.fleet import Fleet
+from vboard.net import NtpResponder
 from vboard.spec import BoardSpec, LanSpec, board_workdir
 
 SSID, PASSWORD = "lab-wifi", "lab-password-1"
@@ -358,6 +360,24 @@ def test_ntptime_sets_the_rtc_from_simulated_time(lab: Fleet) -> None:
         board.url, "exec", "import machine, time; print(machine.RTC().memory(), time.time() > 10**8)"
     )
     assert out.strip() == "b'kept across resets' True"  # RTC memory and time survive a soft reset
+
+
+def test_an_ntp_answer_is_in_the_boards_time_when_the_host_reads_it_late(
+    lab: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The board's clock stands still while it awaits the answer: the host reading the request
+    late (a busy host: here 0.5 s real, 5 s simulated at 10x) must not show in what NTP says."""
+    board = lab.add(BoardSpec(name="ntp-late"))
+    run_program(lab, board, NTP_AND_RTC % {"ssid": SSID, "password": PASSWORD})  # the RTC set
+    answer = NtpResponder.datagram_received
+
+    def read_late(self: NtpResponder, data: bytes, addr: tuple[str | object, int]) -> None:
+        time.sleep(0.5)  # blocks the host's loop, as a busy host would
+        answer(self, data, addr)
+
+    monkeypatch.setattr(NtpResponder, "datagram_received", read_late)
+    out = mpremote(board.url, "exec", "import ntptime, time\nprint(ntptime.time() - time.time())")
+    assert abs(int(out.strip())) <= 1  # whole seconds; reading the host's time would say 5
 
 
 def test_watchdog_resets_a_stuck_board_and_deepsleep_wakes_it(lab: Fleet) -> None:

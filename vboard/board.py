@@ -65,6 +65,7 @@ HAL_HEAP_OVERHEAD = 95 * 1024
 # without the copy.
 GC_BYTES_PER_HEAP_BYTE = (259, 256)
 ROMFS_COPY_OBJECTS = 256  # the bytearray, memoryview and VfsRom objects around the copy
+LAN_ROUND_TRIP_S = ipc.LAN_ROUND_TRIP_US / 1_000_000
 WDT_TIMEOUT_MS = 5000  # fixed on the ESP8266
 SYNC_WINDOW_BYTES = 128  # console input kept to spot an esptool SYNC split across reads
 
@@ -115,7 +116,7 @@ class Board:
         self.i2c = I2CBus(spec.pins["i2c_scl"], spec.pins["i2c_sda"])
         self.spi = SPIBus(self.pins, 14, 13, 12, miso_float=spec.miso_float)
         self.station = Station(lan, clock, spec.mac)
-        self.gateway = Gateway(lan, self.station, clock, self.board_now)
+        self.gateway = Gateway(lan, self.station, clock, self.answer_time)
         self.chips: dict[str, Any] = {}
         self.env: Any = None
         self.console = ConsoleBridge(self.workdir / "console.log", self._serial_input)
@@ -167,6 +168,7 @@ class Board:
         # had run at least that far; a trailing board's clock then restarts at the fleet's)
         self.reset_at: float | None = None
         self._request_now: float | None = None  # the stamp of the request being served
+        self._udp_sent_at: float | None = None  # the board's time of its newest datagram out
         self._sqw_sent: tuple[int, int] | None = None  # the square wave as the board knows it
         self._build_hardware()
 
@@ -294,6 +296,10 @@ class Board:
         a = self.clock.anchors
         spec = self.spec
         boot_us = self.clock.now_us()
+        if self._board_stamp is not None:
+            # a board whose code ran ahead of the fleet's clock (CPU charged since its last
+            # wait) does not go back in time for its chips, which keep their state
+            boot_us = max(boot_us, round(self._board_stamp[0] * 1_000_000))
         self._board_stamp = (boot_us / 1_000_000, time.time())
         self.booted_at = boot_us / 1_000_000
         version = f"v{self.firmware.version or spec.mpy_version} on {self.firmware.date or spec.mpy_date}"
@@ -433,6 +439,16 @@ class Board:
         stamp, real = self._board_stamp
         return min(stamp + (time.time() - real) * self.clock.speed, max(stamp, self.clock.now()))
 
+    def answer_time(self) -> float:
+        """When, in the board's time, the host's answer to its newest datagram (an NTP reply) is
+        made: half a LAN round trip after the board sent it. The board's clock stands still
+        while it awaits the answer (vb_hal.wait), so the host's real delay in reading the
+        datagram is none of the board's; an estimate from real time would be off by that delay
+        x speed (seconds on a busy host)."""
+        if self._udp_sent_at is None:
+            return self.board_now()
+        return self._udp_sent_at + LAN_ROUND_TRIP_S / 2
+
     def _sqw_schedule(self, now: float) -> tuple[int, int]:
         """The DS3231's square wave after `now` for the board: (next rising edge, period) in us,
         (-1, 0) for none."""
@@ -569,6 +585,10 @@ class Board:
                 self.pins.write(gpio, level)
             finally:
                 self._pin_write_at = None
+        elif op == ipc.OP_UDP_SENT:
+            (stamp_us,) = struct.unpack(ipc.STAMP, payload)
+            self._udp_sent_at = stamp_us / 1_000_000
+            self._board_stamp = (self._udp_sent_at, time.time())
         elif op == ipc.OP_WDT_FEED:
             self.wdt_fed_at = self.clock.now()
         elif op == ipc.OP_NOTE:

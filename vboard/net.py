@@ -230,14 +230,15 @@ class Gateway:
     """A board's way out: resolves, routes and proxies its connections."""
 
     def __init__(
-        self, lan: Lan, station: Station, clock: SimClock, board_now: Callable[[], float] | None = None
+        self, lan: Lan, station: Station, clock: SimClock, answer_time: Callable[[], float] | None = None
     ) -> None:
         self.lan = lan
         self.station = station
         self.clock = clock
-        # the board's own simulated time (it may trail the fleet's clock: vboard/README.md): its
-        # NTP answers are in that time, so what it learns agrees with its own DS3231
-        self.board_now = board_now or clock.now
+        # when the answer to the board's newest datagram is made, in the board's own simulated
+        # time (it may trail the fleet's clock: vboard/README.md): its NTP answers are in that
+        # time, so what it learns agrees with its own DS3231 (Board.answer_time)
+        self.answer_time = answer_time or clock.now
         self.ntp: NtpResponder | None = None
         self.conns: list[_Conn] = []
         self.bytes_up = 0
@@ -262,7 +263,7 @@ class Gateway:
             if port == NTP_PORT and self.lan.ntp_port:
                 # an NTP outage drops the requests (the responder checks ntp_up): the board times out
                 if self.ntp is None or self.ntp.transport is None:
-                    self.ntp = await NtpResponder.start(self.board_now, self.lan, shared=False)
+                    self.ntp = await NtpResponder.start(self.answer_time, self.lan, shared=False)
                 return {"port": self.ntp.port}
             target = self.lan.target(ip, port)
             return {"port": target[1]} if target else {"error": errno.EHOSTUNREACH}

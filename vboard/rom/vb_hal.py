@@ -516,9 +516,8 @@ def poll_real(p, timeout_ms):
     return out
 
 
-# A LAN round trip as the chip sees it (station -> access point -> wired server and back): what
-# an answer from a real socket costs the board's clock, whatever the real broker took.
-LAN_ROUND_TRIP_US = 5000
+# What an answer from a real socket costs the board's clock, whatever the real broker took.
+LAN_ROUND_TRIP_US = ipc.LAN_ROUND_TRIP_US
 
 
 def _waited(s0, r):

@@ -41,6 +41,14 @@ OP_FLASH_ERASE = 8  # payload: "<I" sector       -> empty
 OP_PIN_SET = 0x81  # payload: PIN_SET pin, level, the board's simulated time of the write (us)
 OP_WDT_FEED = 0x82  # payload: STAMP, the board's simulated time of the feed
 OP_NOTE = 0x83  # payload: JSON [name, arg, ...]
+# payload: STAMP, the board's simulated time as it sends a datagram into the host's network
+# (its answer, an NTP reply, is timed by it: the host may read the datagram much later)
+OP_UDP_SENT = 0x84
+
+# A LAN round trip as the chip sees it (station -> access point -> wired server and back), us:
+# what the board's clock is charged for an answer from a real socket (vb_hal.wait), and where
+# the host puts its answer to a datagram in the board's time (half of it: Board.answer_time).
+LAN_ROUND_TRIP_US = 5000
 
 # I2C: a sequence of bus primitives after I2C_HEAD ("<BBI": scl pin, sda pin, clock-stretch
 # timeout in us). Steps: b"S" start, b"P" stop, b"W" + "<H" n + n bytes (reply "<H" number of

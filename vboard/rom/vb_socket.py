@@ -10,8 +10,10 @@
 
 import select as _select
 import socket as _socket
+import struct
 
 import vb_hal as hal
+import vb_ipc as ipc
 
 AF_INET = 2
 AF_INET6 = 10
@@ -365,6 +367,7 @@ class socket:
             local = route["port"]
             self._udp_routes[(host, port)] = local
             self._udp_back[local] = (host, port)
+        hal.post(ipc.OP_UDP_SENT, struct.pack(ipc.STAMP, hal.sim_us()))
         sent = self._s.sendto(data, _socket.getaddrinfo("127.0.0.1", local)[0][-1])
         self._sent()
         return sent
