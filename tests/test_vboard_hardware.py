@@ -366,18 +366,18 @@ def test_an_ntp_answer_is_in_the_boards_time_when_the_host_reads_it_late(
     lab: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The board's clock stands still while it awaits the answer: the host reading the request
-    late (a busy host: here 0.5 s real, 5 s simulated at 10x) must not show in what NTP says."""
+    late (a busy host: here 0.3 s real, 3 s simulated at 10x) must not show in what NTP says."""
     board = lab.add(BoardSpec(name="ntp-late"))
     run_program(lab, board, NTP_AND_RTC % {"ssid": SSID, "password": PASSWORD})  # the RTC set
     answer = NtpResponder.datagram_received
 
     def read_late(self: NtpResponder, data: bytes, addr: tuple[str | object, int]) -> None:
-        time.sleep(0.5)  # blocks the host's loop, as a busy host would
+        time.sleep(0.3)  # blocks the host's loop, as a busy host would
         answer(self, data, addr)
 
     monkeypatch.setattr(NtpResponder, "datagram_received", read_late)
     out = mpremote(board.url, "exec", "import ntptime, time\nprint(ntptime.time() - time.time())")
-    assert abs(int(out.strip())) <= 1  # whole seconds; reading the host's time would say 5
+    assert abs(int(out.strip())) <= 1  # whole seconds; reading the host's time would say 3
 
 
 def test_watchdog_resets_a_stuck_board_and_deepsleep_wakes_it(lab: Fleet) -> None:
@@ -421,6 +421,7 @@ def test_watchdog_keeps_counting_after_ctrl_c_and_a_soft_reset(lab: Fleet) -> No
         "except ValueError:\n"
         "    print('FIXED TIMEOUT')\n"
         "wdt = machine.WDT()\n"
+        "print('STARTED')\n"
         "while True:\n"
         "    wdt.feed()\n"
         "    time.sleep_ms(100)\n",
@@ -428,7 +429,7 @@ def test_watchdog_keeps_counting_after_ctrl_c_and_a_soft_reset(lab: Fleet) -> No
     term = SerialClient(board.console.port)
     try:
         lab.run(board.reset())
-        assert b"FIXED TIMEOUT" in term.read_until(b"FIXED TIMEOUT")
+        assert b"FIXED TIMEOUT" in term.read_until(b"STARTED")  # (a Ctrl-C before is no test)
         term.send(b"\x03")  # the app stops feeding
         term.read_until(b">>> ")
         term.send(b"\x01\x04")  # raw REPL, soft reset (as mpremote does): the watchdog counts on

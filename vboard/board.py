@@ -555,6 +555,7 @@ class Board:
             ipc.OP_CALL: self._op_call,
             ipc.OP_FLASH_WRITE: self._op_flash_write,
             ipc.OP_FLASH_ERASE: self._op_flash_erase,
+            ipc.OP_UDP_SENT: self._op_udp_sent,
         }
         while True:
             length, op = struct.unpack(ipc.HEADER, await reader.readexactly(ipc.HEADER_SIZE))
@@ -585,10 +586,6 @@ class Board:
                 self.pins.write(gpio, level)
             finally:
                 self._pin_write_at = None
-        elif op == ipc.OP_UDP_SENT:
-            (stamp_us,) = struct.unpack(ipc.STAMP, payload)
-            self._udp_sent_at = stamp_us / 1_000_000
-            self._board_stamp = (self._udp_sent_at, time.time())
         elif op == ipc.OP_WDT_FEED:
             self.wdt_fed_at = self.clock.now()
         elif op == ipc.OP_NOTE:
@@ -648,6 +645,10 @@ class Board:
             f.seek(offset)
             # NOR flash: a write can only clear bits
             f.write(bytes(a & b for a, b in zip(old.ljust(len(data), b"\xff"), data, strict=True)))
+        return 0, b""
+
+    async def _op_udp_sent(self, payload: bytes) -> tuple[int, bytes]:
+        self._udp_sent_at = self._request_now  # see answer_time
         return 0, b""
 
     async def _op_flash_erase(self, payload: bytes) -> tuple[int, bytes]:

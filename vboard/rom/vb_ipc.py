@@ -36,14 +36,15 @@ OP_CALL = 5  # payload: JSON [name, arg, ...]     -> JSON result
 # 6: was OP_FLASH_READ (the ROM reads its flash image itself, vb_esp.py)
 OP_FLASH_WRITE = 7  # payload: "<I" offset + data -> empty
 OP_FLASH_ERASE = 8  # payload: "<I" sector       -> empty
+# no payload -> empty: the board is about to send a datagram into the host's network, and the
+# request's stamp times the answer (an NTP reply: the host may read the datagram much later). A
+# request, not a post: the host has the stamp before the datagram exists.
+OP_UDP_SENT = 9
 
 # requests without a reply
 OP_PIN_SET = 0x81  # payload: PIN_SET pin, level, the board's simulated time of the write (us)
 OP_WDT_FEED = 0x82  # payload: STAMP, the board's simulated time of the feed
 OP_NOTE = 0x83  # payload: JSON [name, arg, ...]
-# payload: STAMP, the board's simulated time as it sends a datagram into the host's network
-# (its answer, an NTP reply, is timed by it: the host may read the datagram much later)
-OP_UDP_SENT = 0x84
 
 # A LAN round trip as the chip sees it (station -> access point -> wired server and back), us:
 # what the board's clock is charged for an answer from a real socket (vb_hal.wait), and where

@@ -10,7 +10,6 @@
 
 import select as _select
 import socket as _socket
-import struct
 
 import vb_hal as hal
 import vb_ipc as ipc
@@ -367,7 +366,7 @@ class socket:
             local = route["port"]
             self._udp_routes[(host, port)] = local
             self._udp_back[local] = (host, port)
-        hal.post(ipc.OP_UDP_SENT, struct.pack(ipc.STAMP, hal.sim_us()))
+        hal.request(ipc.OP_UDP_SENT)
         sent = self._s.sendto(data, _socket.getaddrinfo("127.0.0.1", local)[0][-1])
         self._sent()
         return sent
