@@ -15,6 +15,7 @@ import pytest
 
 from tests.fw_board import console_text
 from tests.vboard_support import SerialClient, mpremote
+from vboard import board as board_module
 from vboard.board import Board, prepare_flash
 from vboard.broker import Mosquitto
 from vboard.fleet import Fleet
@@ -378,6 +379,12 @@ def test_an_ntp_answer_is_in_the_boards_time_when_the_host_reads_it_late(
     monkeypatch.setattr(NtpResponder, "datagram_received", read_late)
     out = mpremote(board.url, "exec", "import ntptime, time\nprint(ntptime.time() - time.time())")
     assert abs(int(out.strip())) <= 1  # whole seconds; reading the host's time would say 3
+
+
+def test_the_host_times_answers_with_the_roms_lan_round_trip() -> None:
+    source = (Path(board_module.__file__).parent / "rom" / "vb_hal.py").read_text()
+    found = re.search(r"^LAN_ROUND_TRIP_US = (\d+)$", source, re.M)
+    assert found is not None and int(found.group(1)) == round(board_module.LAN_ROUND_TRIP_S * 1_000_000)
 
 
 def test_watchdog_resets_a_stuck_board_and_deepsleep_wakes_it(lab: Fleet) -> None:

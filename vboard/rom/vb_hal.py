@@ -516,8 +516,10 @@ def poll_real(p, timeout_ms):
     return out
 
 
-# What an answer from a real socket costs the board's clock, whatever the real broker took.
-LAN_ROUND_TRIP_US = ipc.LAN_ROUND_TRIP_US
+# A LAN round trip as the chip sees it (station -> access point -> wired server and back): what
+# an answer from a real socket costs the board's clock, whatever the real broker took (the host
+# puts its answer to a datagram half of it after the board sent it: Board.answer_time).
+LAN_ROUND_TRIP_US = 5000
 
 
 def _waited(s0, r):

@@ -16,7 +16,8 @@
 #                                        request a KeyboardInterrupt cut short (vb_hal.py).
 #   event channel    (HAL event thread)  frame = u16 length | u8 event | payload, both ways.
 #
-# Lengths count the op/status/event byte plus the payload, little-endian.
+# Lengths count the op/status/event byte plus the payload, little-endian: a frame is at most
+# 65,535 bytes.
 
 HEADER = "<HB"
 HEADER_SIZE = 3
@@ -25,7 +26,6 @@ SEQ_SIZE = 2
 STAMP = "<q"  # the board's simulated time when it made the request (us)
 STAMP_SIZE = 8
 SECTOR_SIZE = 4096  # a flash sector: the largest reply the reader is made for at once
-MAX_FRAME = 65535
 
 # requests with a reply
 OP_HELLO = 1  # payload: token (bytes)            -> JSON boot parameters
@@ -45,11 +45,6 @@ OP_UDP_SENT = 9
 OP_PIN_SET = 0x81  # payload: PIN_SET pin, level, the board's simulated time of the write (us)
 OP_WDT_FEED = 0x82  # payload: STAMP, the board's simulated time of the feed
 OP_NOTE = 0x83  # payload: JSON [name, arg, ...]
-
-# A LAN round trip as the chip sees it (station -> access point -> wired server and back), us:
-# what the board's clock is charged for an answer from a real socket (vb_hal.wait), and where
-# the host puts its answer to a datagram in the board's time (half of it: Board.answer_time).
-LAN_ROUND_TRIP_US = 5000
 
 # I2C: a sequence of bus primitives after I2C_HEAD ("<BBI": scl pin, sda pin, clock-stretch
 # timeout in us). Steps: b"S" start, b"P" stop, b"W" + "<H" n + n bytes (reply "<H" number of
