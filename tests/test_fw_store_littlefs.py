@@ -4,9 +4,10 @@ shaped like the port's `modules/flashbdev.py` (4 KiB sectors, erase before a blo
 as the port sizes it for a board's flash. The block device is RAM in the test's MicroPython
 process and counts every sector erase and every byte programmed.
 
-The virtual board's filesystem is still a host directory (vboard/README.md, known differences),
-so this is where the store meets LittleFS's copy-on-write: a write into the middle of a file
-copies everything after it on every flush, an append copies at most the file's last block.
+The virtual board's filesystem is this LittleFS too, in its flash.bin; here, without a board's
+clock, a week of flushes runs in seconds and every erase is counted: where the store meets
+LittleFS's copy-on-write (a write into the middle of a file copies everything after it on every
+flush, an append copies at most the file's last block).
 """
 
 from __future__ import annotations
@@ -17,28 +18,16 @@ from typing import Any
 import pytest
 
 from tests.fw_run import checked, compile_firmware, run_script
+from vboard import flashfs
 
 SECTOR = 4096
 SEG_RECORDS = 146  # firmware/store.py: records per segment file, one sector
 
 
-def filesystem_blocks(flash_bytes: int, flash_user_start: int) -> int:
-    """The port's filesystem size in sectors (ports/esp8266/modules/flashbdev.py): from
-    esp.flash_user_start() (one sector more below 1 MiB, for native code) to 20 KiB before the
-    flash's end (the SDK's parameters)."""
-    start = flash_user_start // SECTOR
-    if start < 256:
-        start += 1
-    return (flash_bytes - 20480) // SECTOR - start
-
-
-# esp.flash_user_start() is _firmware_size (+ the ROMFS partition on FLASH_2M_ROMFS builds):
-# ports/esp8266/modesp.c, boards/esp8266_2MiB_ROMFS.ld (irom0 at 0x40209000, 1M - 36K - 320K
-# long, then the 320K ROMFS partition): 0x100000.
-ROMFS_USER_START = 0x9000 + (1024 - 36 - 320) * 1024 + 320 * 1024
+# where flashbdev.py puts the filesystem (vboard/flashfs.py, the virtual board's own geometry)
 BOARDS = {
-    "2MB": filesystem_blocks(2 * 1024 * 1024, ROMFS_USER_START),  # 251 sectors, ~1 MB
-    "4MB": filesystem_blocks(4 * 1024 * 1024, ROMFS_USER_START),  # 763 sectors, ~3 MB
+    "2MB": flashfs.geometry(2 << 20).blocks,  # 251 sectors, ~1 MB
+    "4MB": flashfs.geometry(4 << 20).blocks,  # 763 sectors, ~3 MB
 }
 
 BLOCK_DEVICE = """

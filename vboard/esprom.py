@@ -233,7 +233,10 @@ def jedec_id(flash_bytes: int) -> int:
 
 
 def filesystem_start(flash_bytes: int) -> int:
-    """Where the ESP8266 port's filesystem begins in flash (esp.flash_user_start())."""
+    """Where the ESP8266 port's filesystem begins in flash (esp.flash_user_start()): after the
+    firmware (ports/esp8266/modesp.c, _firmware_size), and on 2 MB+ boards after the ROMFS
+    partition too (boards/esp8266_2MiB_ROMFS.ld: irom0 at 0x40209000, 1M - 36K - 320K long,
+    then the 320K ROMFS partition: 0x9000 + 668K + 320K = 0x100000)."""
     return 0x9A000 if flash_bytes <= 1 << 20 else 0x100000
 
 
