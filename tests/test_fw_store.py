@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from firmware import protocol
-from tests.fw_run import checked, compile_firmware, run_script
+from tests.fw_run import checked, compile_firmware, firmware_const, run_script
+
+SEG_RECORDS = firmware_const("store", "SEG_RECORDS")  # records per segment file
 
 T0 = 1_700_000_000
 
@@ -310,11 +312,12 @@ def test_damaged_record_inside_the_fifo_is_skipped_and_counted(
 
 
 def test_a_missing_segment_is_skipped_and_counted(micropython_bin: str, lib: Path, tmp_path: Path) -> None:
-    write(micropython_bin, lib, tmp_path, 1, 0, 401, 10, 0, 1000)  # 400 flushed: segments 0, 1, 2
+    seg = SEG_RECORDS
+    flushed = (2 * seg + 100) // 10 * 10  # flushed every 10: segments 0, 1 and part of 2
+    write(micropython_bin, lib, tmp_path, 1, 0, flushed + 1, 10, 0, 4 * seg)
     (tmp_path / "fifo" / "1").unlink()
-    result = read_all(micropython_bin, lib, tmp_path, 1000)
-    seg = 146
-    assert result["samples"] == [sample(1, k, k) for k in range(400) if not seg <= k < 2 * seg]
+    result = read_all(micropython_bin, lib, tmp_path, 4 * seg)
+    assert result["samples"] == [sample(1, k, k) for k in range(flushed) if not seg <= k < 2 * seg]
     assert result["torn"] == seg
 
 
@@ -344,7 +347,7 @@ print(json.dumps({"depth": s.depth(), "errors": s.flash_errors}))
 """
     assert run(micropython_bin, lib, body, tmp_path)[0] == {"depth": 0, "errors": 0}
     files = sorted(p.name for p in (tmp_path / "fifo").iterdir())
-    assert files == ["20", "tail"]  # 3000 // 146: the head's segment, and the tail
+    assert files == [str(3000 // SEG_RECORDS), "tail"]  # the head's segment, and the tail
     assert read_all(micropython_bin, lib, tmp_path, 1000)["samples"] == []
 
 
