@@ -315,6 +315,11 @@ def flash_image(lab: dict[str, Any], name: str) -> Path:
     return Path(lab["root"]) / f"fleet-{group}" / name / "flash.bin"
 
 
+def console_tail(lab: dict[str, Any], name: str, chars: int = 3000) -> str:
+    log = flash_image(lab, name).with_name("console.log")
+    return log.read_text(errors="replace")[-chars:] if log.exists() else f"(no {log})"
+
+
 STORE_DIR = "fifo"  # firmware/app.py SAMPLES_DIR: the flash buffer's data, not modules
 
 
@@ -414,7 +419,9 @@ def test_every_board_publishes_with_its_new_config(lab: dict[str, Any]) -> None:
     finally:
         client.loop_stop()
         client.disconnect()
-    assert {n: seen.get(n, {}).get("cfg") for n in DEMO_BOARDS} == expected
+    got = {n: seen.get(n, {}).get("cfg") for n in DEMO_BOARDS}
+    silent = [n for n in DEMO_BOARDS if got[n] != expected[n]]
+    assert got == expected, "\n".join(f"{n}'s console:\n{console_tail(lab, n)}" for n in silent)
     # the app runs its modules from the ROMFS partition (vb-05: also after the files form)
     for name in ("vb-01", "vb-05"):
         assert app_module_file(f"socket://127.0.0.1:{7100 + int(name[-2:])}") == "/rom/app.mpy", name
