@@ -9,8 +9,8 @@ ESP8266 has on its 32-bit one) and that directory first on sys.path.
 from __future__ import annotations
 
 import json
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
