@@ -26,7 +26,7 @@
 # of space). An append copies at most the file's last block (littlefs lfs_ctz_extend), and a
 # whole-file delete frees blocks without writing any. So: record number `lsn` (a log sequence
 # number, +1 per record for the life of the FIFO) lives in segment file `path/<lsn // SEG_RECORDS>`
-# at record lsn % SEG_RECORDS; a segment is SEG_BLOCKS flash blocks; flush() appends to the
+# at record lsn % SEG_RECORDS; a segment is 16 flash blocks; flush() appends to the
 # newest segment (one block erased and programmed per flush), a segment is deleted once every
 # record in it is committed or dropped, and the tail (the oldest pending lsn)
 # is written to `path/tail` (6 bytes, replaced whole) when a commit moves it. Each record carries
@@ -42,12 +42,13 @@
 # up, about every 60 flushes here, reading every file's directory entry through a 32-byte read
 # (extmod/vfs_lfsx.c: readsize 32, cache 128), and the directory's log is compacted about as
 # often, with reads growing with the entries in it. With one-block segments a full 6-hour FIFO
-# (148 files) made the worst flush read the flash ~98,000 times (several seconds on a chip, past
-# the SDK watchdog's 1.6 s) and opening the FIFO at boot ~21,000 times; with 16-block segments
-# (10 files) ~8,100 and ~3,500 (8 blocks: 14,200 and 6,400; tests/test_fw_store_littlefs.py counts
-# them). Larger segments would not save much more (a directory compaction alone reads ~7,400
-# times), would drop more at once on overflow (a segment, 39 minutes of samples, at a time) and
-# would not fit a 6-hour FIFO on a 2 MB board (see store_open._fitting).
+# (148 files) made the worst of 3,000 flushes read the flash ~98,000 times (several seconds on a
+# chip, past the SDK watchdog's 1.6 s) and opening the FIFO ~21,000 times; 16-block segments (10
+# files) ~8,100 and ~3,500 (8 blocks: 14,200 and 6,400); in a week's outage 9,044 and 2,818
+# (tests/test_fw_store_littlefs.py counts and bounds them). Larger segments would not save much
+# more (a directory compaction alone reads ~7,400 times), would drop more at once on overflow (a
+# segment, 39 minutes of samples, at a time) and would not fit a 6-hour FIFO on a 2 MB board (see
+# store_open._fitting).
 
 import os
 import struct
@@ -75,9 +76,9 @@ _AT_FLAGS = const(24)
 NULL_KT = -0x80000000
 NULL_16 = -0x8000
 
-BLOCK_RECORDS = const(146)  # records in one 4 KiB LittleFS block (4,088 bytes)
-SEG_BLOCKS = const(16)  # flash blocks per segment file (see the top: LittleFS costs per file)
-SEG_RECORDS = const(2336)  # records per segment file: SEG_BLOCKS * BLOCK_RECORDS
+# Records per segment file: 65,408 bytes, 16 LittleFS blocks of 4 KiB less the 104 bytes of
+# pointers that blocks 1-15 of a file begin with (lib/littlefs lfs2_ctz_extend), and 24 spare.
+SEG_RECORDS = const(2336)
 TAIL_FILE = "tail"  # in the FIFO's directory: "<I" tail lsn + crc16
 _ENOSPC = const(28)
 _ENOENT = const(2)

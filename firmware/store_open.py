@@ -11,8 +11,10 @@ from store import RECORD_SIZE, SEG_RECORDS, sealed
 
 _FLASH_SHARE = const(4)  # the segments may take 3/4 of the filesystem's free blocks
 # Bytes of a LittleFS file block that hold no data: block i > 0 of a file starts with ctz(i) + 1
-# pointers of 4 bytes (lib/littlefs lfs2_ctz_extend), two on average; counted as three.
-_BLOCK_POINTERS = const(12)
+# pointers of 4 bytes (lib/littlefs lfs2_ctz_extend), two on average (a whole segment's 16
+# blocks: 6.5). Counted as two for the blocks a segment file holds, as three for new records.
+_HELD_POINTERS = const(8)
+_NEW_POINTERS = const(12)
 _DIR_MODE = const(0x4000)
 # The flash ring of firmware before the segment files: a 600 KB file rewritten in the middle on
 # every flush, which LittleFS cannot afford. Removed (what it held is not read) for the room.
@@ -132,10 +134,11 @@ def _fitting(path, wanted, sizes):
     try:
         st = os.statvfs(path)
         block_size = st[0]
-        per_block = (block_size - _BLOCK_POINTERS) // RECORD_SIZE
+        per_block = (block_size - _NEW_POINTERS) // RECORD_SIZE
         blocks = st[3]  # free, and those the segments hold:
-        for size in sizes:  # 8 bytes of pointers a block (a whole segment's 16 average 6.5)
-            blocks += (size + block_size - 9) // (block_size - 8)
+        held = block_size - _HELD_POINTERS
+        for size in sizes:
+            blocks += (size + held - 1) // held
     except OSError:
         return wanted
     most = (blocks * (_FLASH_SHARE - 1) // _FLASH_SHARE - 1) * per_block - SEG_RECORDS

@@ -32,6 +32,7 @@ from tests.fw_board import (
     add_board,
     board_config,
     build_firmware,
+    console_text,
     mismatches,
     truth_by_second,
     wait_sim,
@@ -242,8 +243,7 @@ def test_two_hours_without_wifi_and_a_connection_cut_again_and_again_lose_nothin
     for board in (offline, cut):
         samples = system.recorded(board.name)
         assert_complete_and_true(system, board, samples)
-        log = board.workdir / "console.log"
-        console = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        console = console_text(board)[-3000:]
         assert list(by_boot(samples)) == [1], f"{board.name} rebooted; its console:\n{console}"
     outage = [s for s in system.recorded(offline.name) if down + 2 <= s[protocol.I_TIME] <= back - 2]
     assert len(outage) >= 2 * 3600 - 4
